@@ -1,0 +1,1 @@
+"""Data: sources, tokenization, the token store, grain pipelines, mixtures, PCFG corpora."""

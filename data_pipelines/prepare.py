@@ -1,0 +1,312 @@
+"""`prepare` turns raw corpora into a token store (token_store.py), file-parallel and resumable; `inspect_store`
+summarises one. Each input file is tokenized into parts under ROOT/_parts/ with a completion marker; assembly
+concatenates the parts in input order, so a re-run after a crash skips finished files and writes the same store.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import tensorstore as ts
+
+from maxlm.data_pipelines import raw_records
+from maxlm.data_pipelines import token_store
+from maxlm.data_pipelines.tokenization import TextTokenizer
+from maxlm.errors import DataError
+
+STORE_VERSION = 1
+_PARTS = "_parts/"
+_BATCH_DOCS = 256
+_BATCH_BYTES = 4 << 20
+_FLUSH_TOKENS = 1 << 24
+
+
+def expand_inputs(patterns) -> list[str]:
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  files = set()
+  for pattern in patterns:
+    matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+    if not matched:
+      raise DataError(f"--input {pattern!r} matches no files; quote the glob so the shell does not expand it, "
+                      "e.g. --input 'data/*.jsonl.zst'.")
+    files.update(os.path.abspath(p) for p in matched)
+  return sorted(files)
+
+
+def _file_key(path: str) -> str:
+  return hashlib.sha1(path.encode()).hexdigest()[:16]
+
+
+def is_validation(text_utf8: bytes, fraction: float) -> bool:
+  """Held-out by content hash: deterministic, independent of file order, and duplicates share a split."""
+  if fraction <= 0:
+    return False
+  h = int.from_bytes(hashlib.blake2b(text_utf8, digest_size=8).digest(), "little")
+  return h < fraction * 2.0**64
+
+
+_WORKER = {}
+
+
+def _worker_init():
+  # One process per core already: keep the tokenizer's own thread pool from oversubscribing.
+  os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+def tokenize_file(path: str, root: str, settings: dict) -> dict:
+  """Tokenizes one input file into parts under ROOT/_parts/<key>/ and writes its completion marker last."""
+  key = _PARTS + _file_key(path) + "/"
+  tok = _WORKER.get(settings["tokenizer_path"])
+  if tok is None:
+    tok = _WORKER[settings["tokenizer_path"]] = TextTokenizer(settings["tokenizer_path"], settings["separator"])
+  kv = token_store.KV(root)
+  kv.delete_prefix(key)  # leftovers of a crashed attempt on this file
+  dtype = np.dtype(settings["dtype"])
+  sep = np.array([tok.separator_id], dtype)
+  stats = raw_records.FileStats(file=path)
+  fraction = settings["validation_fraction"]
+  buffers = collections.defaultdict(list)   # (domain, split) -> [token arrays]
+  docs = collections.Counter()
+  pieces = []
+  pending, pending_bytes, buffered = [], 0, 0
+
+  def encode_pending():
+    nonlocal pending, pending_bytes, buffered
+    if not pending:
+      return
+    for (text, domain, raw), ids in zip(pending, tok.encode_batch([p[0] for p in pending])):
+      split = "validation" if is_validation(raw, fraction) else "train"
+      buffers[(domain, split)].append(np.asarray(ids, dtype))
+      buffers[(domain, split)].append(sep)
+      docs[(domain, split)] += 1
+      stats.documents += 1
+      stats.tokens += len(ids) + 1
+      stats.bytes += len(raw)
+      buffered += len(ids) + 1
+    pending, pending_bytes = [], 0
+
+  def flush_parts():
+    nonlocal buffered
+    for (domain, split), arrays in sorted(buffers.items()):
+      data = np.concatenate(arrays)
+      name = f"{key}{len(pieces):06d}.bin"
+      kv.write(name, data.tobytes())
+      pieces.append({"key": name, "domain": domain, "split": split, "tokens": int(data.shape[0]),
+                     "documents": docs[(domain, split)]})
+    buffers.clear()
+    docs.clear()
+    buffered = 0
+
+  for text, domain in raw_records.read_documents(path, stats, text_key=settings["text_key"],
+                                                  domain_key=settings["domain_key"],
+                                                  default_domain=settings["default_domain"]):
+    raw = text.encode("utf-8", "surrogatepass")
+    pending.append((text, domain, raw))
+    pending_bytes += len(raw)
+    if len(pending) >= _BATCH_DOCS or pending_bytes >= _BATCH_BYTES:
+      encode_pending()
+      if buffered >= settings["flush_tokens"]:
+        flush_parts()
+  encode_pending()
+  flush_parts()
+  done = {"stats": dataclasses.asdict(stats), "pieces": pieces}
+  kv.write_json(key + "done.json", done)
+  return done
+
+
+def _tokenize_job(job):
+  return tokenize_file(*job)
+
+
+class _ShardAlignedWriter:
+  """Appends to a zarr3 array writing whole shards only, so no shard is read back and rewritten."""
+
+  def __init__(self, array, shard: int, dtype):
+    self.array, self.shard, self.dtype = array, shard, dtype
+    self.offset, self.buf, self.buffered = 0, [], 0
+
+  def append(self, data: np.ndarray):
+    self.buf.append(data)
+    self.buffered += data.shape[0]
+    if self.buffered >= self.shard:
+      data = np.concatenate(self.buf)
+      n = (data.shape[0] // self.shard) * self.shard
+      self.array[self.offset:self.offset + n].write(data[:n]).result()
+      self.offset += n
+      self.buf, self.buffered = [data[n:]], data.shape[0] - n
+
+  def close(self):
+    if self.buffered:
+      data = np.concatenate(self.buf)
+      self.array[self.offset:self.offset + data.shape[0]].write(data).result()
+      self.offset += data.shape[0]
+    self.buf, self.buffered = [], 0
+
+
+def _assemble(root: str, files: list[str], dones: dict, settings: dict, tok: TextTokenizer) -> dict:
+  kv = token_store.KV(root)
+  dtype = np.dtype(settings["dtype"])
+  by_domain = collections.defaultdict(lambda: {s: [] for s in token_store.SPLITS})
+  for path in files:
+    for piece in dones[path]["pieces"]:
+      by_domain[piece["domain"]][piece["split"]].append(piece)
+  taken, domains = set(), {}
+  for domain in sorted(by_domain):
+    rel = "domains/" + token_store.domain_slug(domain, taken)
+    entry = {"path": rel}
+    for split, pieces in by_domain[domain].items():
+      total = sum(p["tokens"] for p in pieces)
+      entry[split] = {"documents": sum(p["documents"] for p in pieces), "tokens": total}
+      if total == 0:
+        continue
+      spec = token_store.array_spec(root, rel + "/" + split, shape=total, dtype=settings["dtype"])
+      array = ts.open(spec, create=True, delete_existing=True).result()
+      writer = _ShardAlignedWriter(array, array.chunk_layout.write_chunk.shape[0], dtype)
+      for p in pieces:
+        raw = kv.read(p["key"])
+        if raw is None or len(raw) != p["tokens"] * dtype.itemsize:
+          raise DataError(f"part {p['key']} of {root} is missing or truncated; delete {root}/{p['key']}'s "
+                          "folder and re-run the same prepare command to redo that file.")
+        writer.append(np.frombuffer(raw, dtype))
+      writer.close()
+    domains[domain] = entry
+  with open(settings["tokenizer_path"], "rb") as f:
+    tok_file = "tokenizer/" + os.path.basename(settings["tokenizer_path"])
+    kv.write(tok_file, f.read())
+  inputs = [dones[p]["stats"] for p in files]
+  bad = collections.Counter()
+  for s in inputs:
+    bad.update(s["bad_records"])
+  return {
+      "format": token_store.FORMAT, "version": STORE_VERSION, "dtype": settings["dtype"],
+      "tokenizer": dict(tok.info(), file=tok_file, source_path=settings["tokenizer_path"]),
+      "domains": domains,
+      "validation_fraction": settings["validation_fraction"],
+      "totals": {"files": len(files), "records": sum(s["records"] for s in inputs),
+                 "documents": sum(s["documents"] for s in inputs), "tokens": sum(s["tokens"] for s in inputs),
+                 "bytes": sum(s["bytes"] for s in inputs), "bad_records": dict(sorted(bad.items()))},
+      "inputs": inputs,
+      "settings": settings,
+  }
+
+
+def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", domain_key: str = "",
+            default_domain: str = "default", validation_fraction: float = 0.0, workers: int = 0,
+            separator: str | None = None, keep_parts: bool = False, progress: bool = True,
+            flush_tokens: int = _FLUSH_TOKENS) -> dict:
+  """Tokenizes every document of the input files into a token store at `output`; returns the manifest.
+
+  workers: processes (0 = all cores; 1 = in this process). Re-running with the same arguments after a crash
+  redoes only unfinished files; after success it returns the existing manifest.
+  """
+  if not 0.0 <= validation_fraction < 1.0:
+    raise DataError(f"--validation-fraction must be in [0, 1), got {validation_fraction}.")
+  files = expand_inputs(inputs)
+  tok = TextTokenizer(tokenizer, separator)
+  settings = {
+      "version": STORE_VERSION, "text_key": text_key, "domain_key": domain_key, "default_domain": default_domain,
+      "validation_fraction": validation_fraction, "tokenizer_path": os.path.abspath(tokenizer),
+      "tokenizer_sha256": tok.sha256, "separator": tok.separator, "dtype": token_store.token_dtype(tok.vocab_size),
+      "flush_tokens": flush_tokens,
+      "inputs": [{"file": p, "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files],
+  }
+  kv = token_store.KV(output)
+  existing = kv.read_json(token_store.MANIFEST)
+  if existing is not None:
+    if existing.get("settings") == settings:
+      _say(progress, f"{output}: already prepared with these inputs and settings; nothing to do.")
+      return existing
+    raise DataError(f"{output} already holds a token store prepared from other inputs or settings; choose a new "
+                    "--output or delete the old store.")
+  previous = kv.read_json(_PARTS + "settings.json")
+  if previous is not None and previous != settings:
+    raise DataError(f"{output}/_parts holds an interrupted prepare with other inputs or settings; re-run that "
+                    f"command, or delete {output}/_parts to start over.")
+  kv.write_json(_PARTS + "settings.json", settings)
+
+  dones = {p: kv.read_json(_PARTS + _file_key(p) + "/done.json") for p in files}
+  todo = [p for p in files if dones[p] is None]
+  if len(todo) < len(files):
+    _say(progress, f"resuming: {len(files) - len(todo)} of {len(files)} files already tokenized.")
+  workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=sum(os.path.getsize(p) for p in todo), unit="B", unit_scale=True, desc="tokenize",
+             disable=not progress, file=sys.stderr)
+  jobs = [(p, output, settings) for p in todo]
+  if workers <= 1:
+    results = map(_tokenize_job, jobs)
+    pool = None
+  else:
+    # spawn: tensorstore and tokenizer thread pools do not survive fork.
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+    results = pool.imap_unordered(_tokenize_job, jobs)
+  try:
+    for done in results:
+      dones[done["stats"]["file"]] = done
+      bar.update(os.path.getsize(done["stats"]["file"]))
+      _report_bad(done["stats"], bar if progress else None)
+  finally:
+    if pool is not None:
+      pool.terminate()
+    bar.close()
+  manifest = _assemble(output, files, dones, settings, tok)
+  kv.write_json(token_store.MANIFEST, manifest)  # written last: its presence means the store is complete
+  if not keep_parts:
+    kv.delete_prefix(_PARTS)
+  _say(progress, summarize(manifest))
+  return manifest
+
+
+def _say(progress: bool, text: str):
+  if progress:
+    print(text, file=sys.stderr)
+
+
+def _report_bad(stats: dict, bar):
+  if stats["bad_records"] and bar is not None:
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(stats["bad_records"].items()))
+    bar.write(f"{stats['file']}: skipped {sum(stats['bad_records'].values())} bad records ({reasons})",
+              file=sys.stderr)
+
+
+def summarize(manifest: dict) -> str:
+  t = manifest["totals"]
+  lines = [f"{t['documents']} documents, {t['tokens']} tokens from {t['files']} files "
+           f"({t['records']} records, {sum(t['bad_records'].values())} bad)"]
+  for name, d in sorted(manifest["domains"].items()):
+    lines.append(f"  {name:<28} train {d['train']['documents']:>10} docs {d['train']['tokens']:>14} tokens"
+                 f"   validation {d['validation']['documents']:>8} docs {d['validation']['tokens']:>12} tokens")
+  for s in manifest["inputs"]:
+    if s["bad_records"]:
+      lines.append(f"  bad records in {s['file']}:")
+      for reason, n in sorted(s["bad_records"].items()):
+        lines.append(f"    {n:>8}  {reason}   e.g. {'; '.join(s['bad_examples'].get(reason, []))}")
+  return "\n".join(lines)
+
+
+def inspect_store(root: str, sample_tokens: int = 48) -> str:
+  """Per-domain counts, tokenizer, bad records and a decoded sample from each domain."""
+  store = token_store.TokenStore(root)
+  m = store.manifest
+  tk = m["tokenizer"]
+  lines = [f"token store {root}: {m['dtype']}, tokenizer {tk['kind']} vocab {tk['vocab_size']} "
+           f"separator {tk['separator']!r}={tk['separator_id']} sha256 {tk['sha256'][:12]}", summarize(m)]
+  try:
+    tok = store.tokenizer()
+  except DataError as e:
+    tok = None
+    lines.append(f"  (no decoded samples: {e})")
+  for domain in store.domains:
+    n = store.num_tokens(domain, "train")
+    if tok is not None and n:
+      ids = store.read(domain, "train", 0, min(n, sample_tokens))
+      lines.append(f"  sample {domain}: {tok.decode(ids)!r}")
+  return "\n".join(lines)

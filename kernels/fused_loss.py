@@ -1,0 +1,142 @@
+"""`fused_loss`: picks an implementation (reference, blockwise, pallas) and runs it, sharded under a mesh.
+
+Owns argument checking, the shard_map wrapper (tokens over data/fsdp, vocabulary over tensor) and the objective split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from maxlm import losses
+from maxlm.errors import ConfigError
+from maxlm.kernels import blockwise
+
+IMPLS = ("auto", "reference", "blockwise", "pallas")
+# Mesh axes (DESIGN.md / maxlm.sharding): tokens are split over these, the vocabulary over TENSOR_AXIS.
+TOKEN_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"
+
+
+def _platform(mesh) -> str:
+  if mesh is not None:
+    return mesh.devices.flat[0].platform
+  return jax.default_backend()
+
+
+def resolve_impl(impl: str, mesh=None) -> str:
+  """The implementation `impl` stands for on this platform: "auto" is pallas on gpu/tpu, else blockwise."""
+  if impl not in IMPLS:
+    raise ConfigError(f"unknown fused_loss impl {impl!r}; valid: {list(IMPLS)}")
+  if impl == "auto":
+    return "pallas" if _platform(mesh) in ("gpu", "tpu") else "blockwise"
+  return impl
+
+
+def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret):
+  """A function (hidden, w, labels, cost, ignore_index, vocab_axis) -> token stats for `impl`."""
+  if impl == "blockwise":
+    def stats(hidden, w, labels, cost, ignore_index, vocab_axis):
+      return blockwise.token_stats(hidden, w, labels, cost, ignore_index=ignore_index,
+                                   block_tokens=block_tokens, block_vocab=block_vocab, vocab_axis=vocab_axis)
+    return stats
+  from maxlm.kernels import pallas_dispatch  # local: Pallas imports are heavy and backend-specific
+  return pallas_dispatch.stats_fn(platform, block_tokens=block_tokens, block_vocab=block_vocab,
+                                  interpret=interpret)
+
+
+def _pcast_varying(x, axes):
+  """Marks x as varying over `axes` inside shard_map, so autodiff psums its cotangent over them."""
+  if not axes:
+    return x
+  if hasattr(lax, "pcast"):  # jax >= 0.8
+    return lax.pcast(x, axes, to="varying")
+  return lax.pvary(x, axes)
+
+
+def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "auto", cost_embedding=None,
+               mesh=None, block_tokens: int | None = None, block_vocab: int | None = None,
+               interpret: Any = None, **objective_kwargs):
+  """(loss, metrics) of `objective` on hidden (N, d) @ lm_head (d, V) without building the logits.
+
+  Equals maxlm.losses.compute(objective, hidden @ lm_head, labels, cost_embedding=..., **kwargs),
+  with gradients for hidden and lm_head in their dtypes (cost_embedding is always stop-gradient).
+  impl: "reference" (materialised fp32 logits), "blockwise" (pure JAX, any backend), "pallas"
+  (GPU/TPU kernels; on CPU only with interpret="gpu" or "tpu", for tests), "auto" (pallas on
+  gpu/tpu, blockwise elsewhere). block_tokens/block_vocab: tile sizes (any N, V work).
+  mesh: a Mesh with axes ("data", "fsdp", "tensor"); with more than one device the fused impls run
+  under shard_map with tokens split over data/fsdp and the head's vocabulary over tensor.
+  Fused impls compute the entropy exactly: MiLe's reference-mode floor (1e-8) is not applied, a
+  difference bounded by V * 1e-8 * ln(1e8) in H (DESIGN.md section 4).
+  """
+  impl = resolve_impl(impl, mesh)
+  stats_kwargs, combine_kwargs = losses.split_objective_kwargs(objective, objective_kwargs)
+  ignore_index = stats_kwargs["ignore_index"]
+  if objective == "emo":
+    if cost_embedding is None:
+      raise ConfigError("fused_loss objective 'emo' needs cost_embedding (V, dE): set the cost embedding source")
+  else:
+    cost_embedding = None  # as maxlm.losses.compute: only emo reads it
+  if hidden.ndim != 2 or lm_head.ndim != 2 or hidden.shape[1] != lm_head.shape[0]:
+    raise ConfigError(f"fused_loss needs hidden (N, d) and lm_head (d, V); got {hidden.shape} and {lm_head.shape}")
+  if labels.shape != hidden.shape[:1]:
+    raise ConfigError(f"fused_loss labels must be (N,) = {hidden.shape[:1]}, got {labels.shape}")
+  if cost_embedding is not None and (cost_embedding.ndim != 2 or cost_embedding.shape[0] != lm_head.shape[1]):
+    raise ConfigError(
+      f"cost_embedding must be (V={lm_head.shape[1]}, dE), got {cost_embedding.shape}:"
+      " use the output head of a model with the same vocabulary")
+
+  if impl == "reference":
+    logits_NxV = jnp.matmul(hidden, lm_head, preferred_element_type=jnp.float32)
+    cost = None if cost_embedding is None else lax.stop_gradient(cost_embedding)
+    return losses.compute(objective, logits_NxV, labels, cost_embedding=cost, **objective_kwargs)
+
+  floor = stats_kwargs.get("entropy_floor", 0.0)
+  if isinstance(floor, (int, float)) and floor > losses.REFERENCE_ENTROPY_FLOOR:
+    raise ConfigError(
+      f"fused_loss impl {impl!r} computes the entropy exactly; entropy_floor={floor} needs impl='reference'")
+  stats_fn = _stats_fn(impl, _platform(mesh), block_tokens=block_tokens, block_vocab=block_vocab,
+                       interpret=interpret)
+
+  if mesh is None or mesh.size == 1:
+    stats = stats_fn(hidden, lm_head, labels, cost_embedding, ignore_index, None)
+    return losses.combine(objective, stats, **combine_kwargs)
+  return _sharded(stats_fn, mesh, hidden, lm_head, labels, cost_embedding, objective, ignore_index,
+                  combine_kwargs)
+
+
+def _sharded(stats_fn, mesh, hidden, lm_head, labels, cost_embedding, objective, ignore_index, combine_kwargs):
+  """shard_map: each device holds its tokens and its vocabulary slice of the head (never gathered)."""
+  token_axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
+  vocab_axes = (TENSOR_AXIS,) if TENSOR_AXIS in mesh.axis_names else ()
+  n_token_shards = 1
+  for a in token_axes:
+    n_token_shards *= mesh.shape[a]
+  n_vocab_shards = mesh.shape[TENSOR_AXIS] if vocab_axes else 1
+  if hidden.shape[0] % n_token_shards or lm_head.shape[1] % n_vocab_shards:
+    raise ConfigError(
+      f"fused_loss under mesh {dict(mesh.shape)}: N={hidden.shape[0]} must divide by {n_token_shards} "
+      f"(data*fsdp) and V={lm_head.shape[1]} by {n_vocab_shards} (tensor); pad the batch or vocabulary")
+  tok = token_axes if token_axes else None
+  voc = vocab_axes[0] if vocab_axes else None
+
+  def local(hidden_NxD, w_DxV, labels_N, cost_VxE):
+    # Tokens are replicated over the vocabulary shards and the head over the token shards: marking
+    # them varying makes autodiff psum d hidden over tensor and d lm_head over data/fsdp.
+    hidden_NxD = _pcast_varying(hidden_NxD, vocab_axes)
+    w_DxV = _pcast_varying(w_DxV, token_axes)
+    stats = stats_fn(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, voc)
+    return losses.combine(objective, stats, psum_axes=token_axes or None, **combine_kwargs)
+
+  in_specs = (P(tok, None), P(None, voc), P(tok), None if cost_embedding is None else P(voc, None))
+  args = (hidden, lm_head, labels, cost_embedding)
+  if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    # Explicit axes: shard_map takes inputs only in its in_specs layout (Auto axes reshard implicitly).
+    args = tuple(None if a is None else jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s))
+                 for a, s in zip(args, in_specs))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()))
+  return fn(*args)

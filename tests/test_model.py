@@ -1,0 +1,136 @@
+"""The decoder against a direct numpy float64 forward of the LLaMA / OLMo-v1 equations."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from maxlm import model as model_lib
+from maxlm.config import load_config
+
+
+def _cfg(**extra):
+  overrides = ["model.vocab_size=50", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
+               "model.ffn=48", "model.max_positions=64", "model.compute_dtype=float32", "model.remat=none",
+               "model.rope_theta=500.0", "model.init_std=0.2", "train.seq_len=16"]
+  overrides += [f"model.{k}={v}" for k, v in extra.items()]
+  return load_config("demo", overrides).model
+
+
+def numpy_forward(cfg, params, tokens, segment_ids=None):
+  """LLaMA / OLMo forward in float64, written from the papers' equations, one layer at a time."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  d = model_lib.Dims.of(cfg)
+  B, T = tokens.shape
+
+  def norm(x, scale):
+    if cfg.family == "olmo":
+      mu = x.mean(-1, keepdims=True)
+      return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    return scale * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
+
+  inv = 1.0 / cfg.rope_theta ** (np.arange(0, d.head_dim, 2) / d.head_dim)
+  ang = np.arange(T)[:, None] * inv[None, :]
+  cos, sin = np.cos(ang), np.sin(ang)
+
+  def rope(x):  # x (B, T, N, H): rotate pairs (i, i + H/2)
+    x1, x2 = x[..., : d.head_dim // 2], x[..., d.head_dim // 2:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+  x = p["embed"][tokens]
+  allowed = np.tril(np.ones((T, T), bool))[None]
+  if segment_ids is not None:
+    allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  for i in range(d.layers):
+    w = {k: v[i] for k, v in p["layers"].items()}
+    h = norm(x, w.get("attn_norm"))
+    q = (h @ w["q_proj"]).reshape(B, T, d.heads, d.head_dim)
+    k = (h @ w["k_proj"]).reshape(B, T, d.kv_heads, d.head_dim)
+    v = (h @ w["v_proj"]).reshape(B, T, d.kv_heads, d.head_dim)
+    if cfg.clip_qkv is not None:
+      q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q, k = rope(q), rope(k)
+    group = d.heads // d.kv_heads
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(d.head_dim)
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    o = np.einsum("bnqk,bknh->bqnh", probs, v).reshape(B, T, -1)
+    x = x + o @ w["o_proj"]
+    h = norm(x, w.get("mlp_norm"))
+    g = h @ w["gate_proj"]
+    x = x + ((g / (1 + np.exp(-g))) * (h @ w["up_proj"])) @ w["down_proj"]
+  x = norm(x, p.get("final_norm"))
+  head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
+  return x @ head
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"tie_embeddings": "true"},
+    {"family": "olmo", "tie_embeddings": "true", "clip_qkv": 0.5},
+    {"kv_heads": 4, "head_dim": 16},
+])
+def test_logits_match_numpy_float64(extra):
+  cfg = _cfg(**extra)
+  graphdef, _, _ = model_lib.abstract_model(cfg)
+  params = model_lib.init_params(cfg, seed=3)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 12))
+  got = np.asarray(model_lib.bind(graphdef, params).logits(jnp.asarray(tokens)))
+  want = numpy_forward(cfg, params, tokens)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_document_masking_isolates_segments():
+  cfg = _cfg()
+  graphdef, _, _ = model_lib.abstract_model(cfg)
+  params = model_lib.init_params(cfg, seed=1)
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, 10))
+  segments = np.array([[0] * 4 + [1] * 6])
+  got = np.asarray(model_lib.bind(graphdef, params).logits(jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(segments)))
+  np.testing.assert_allclose(got, numpy_forward(cfg, params, tokens, segments), rtol=2e-4, atol=2e-4)
+  # the second document does not see the first: changing the first document leaves it unchanged
+  other = tokens.copy()
+  other[0, :4] = (other[0, :4] + 1) % cfg.vocab_size
+  got2 = np.asarray(model_lib.bind(graphdef, params).logits(jnp.asarray(other), segment_ids_BxT=jnp.asarray(segments)))
+  np.testing.assert_allclose(got2[0, 4:], got[0, 4:], rtol=1e-6, atol=1e-6)
+  assert np.abs(got2[0, :4] - got[0, :4]).max() > 1e-3
+
+
+@pytest.mark.parametrize("remat,scan", [("full", "true"), ("dots", "false")])
+def test_remat_and_scan_do_not_change_values_or_gradients(remat, scan):
+  base = _cfg()
+  other = _cfg(remat=remat, scan_layers=scan)
+  g1, _, _ = model_lib.abstract_model(base)
+  g2, _, _ = model_lib.abstract_model(other)
+  params = model_lib.init_params(base, seed=2)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, base.vocab_size, size=(2, 8)))
+
+  def loss(graphdef, p):
+    return jnp.mean(model_lib.bind(graphdef, p).logits(tokens) ** 2)
+
+  v1, gr1 = jax.value_and_grad(lambda p: loss(g1, p))(params)
+  v2, gr2 = jax.value_and_grad(lambda p: loss(g2, p))(params)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(gr1), jax.tree.leaves(gr2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_preset_parameter_counts_match_the_mile_paper():
+  counts = {name: model_lib.param_count(model_lib.abstract_model(load_config(name).model)[1])
+            for name in ("mile_468m", "mile_1b", "mile_7b")}
+  assert round(counts["mile_468m"] / 1e6, 1) == 468.2
+  assert round(counts["mile_1b"] / 1e9, 3) == 1.205
+  assert round(counts["mile_7b"] / 1e9, 2) == 6.74
+
+
+def test_weights_carry_logical_axes_for_every_dimension():
+  _, abstract, specs = model_lib.abstract_model(_cfg())
+  flat_a = jax.tree_util.tree_leaves_with_path(abstract)
+  flat_s = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  for path, leaf in flat_a:
+    spec = flat_s[path]
+    assert len(spec) == leaf.ndim and all(a is not None for a in spec), (path, spec)
