@@ -11,6 +11,7 @@ import glob
 import hashlib
 import multiprocessing
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -261,6 +262,9 @@ def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", doma
   kv.write_json(token_store.MANIFEST, manifest)  # written last: its presence means the store is complete
   if not keep_parts:
     kv.delete_prefix(_PARTS)
+    local = token_store.kvstore_spec(output)
+    if local["driver"] == "file":  # the file kvstore leaves empty directories behind
+      shutil.rmtree(os.path.join(local["path"], _PARTS), ignore_errors=True)
   _say(progress, summarize(manifest))
   return manifest
 

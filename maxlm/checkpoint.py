@@ -1,0 +1,336 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and resolved config per step, under RUN_DIR/checkpoints.
+
+Also the params-only checkpoints that `convert from-hf` writes and that conversion, evaluation and init_from read.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from maxlm import __version__
+from maxlm.config import CheckpointConfig, Config, config_from_dict
+from maxlm.errors import CheckpointError, ConfigError
+
+CHECKPOINTS = "checkpoints"
+FORMAT = 1
+# The extras a params-only load returns next to the params (the EMO fixed cost embedding).
+EXTRA_KEYS = ("cost_embedding",)
+
+
+def _handlers() -> dict:
+  return {"state": ocp.PyTreeCheckpointHandler(), "data_state": ocp.JsonCheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def checkpoint_dir(path: str) -> str:
+  """RUN_DIR/checkpoints for a run dir; a path that already is a checkpoints dir is kept."""
+  path = os.path.abspath(os.path.expanduser(path))
+  return path if os.path.basename(path) == CHECKPOINTS else os.path.join(path, CHECKPOINTS)
+
+
+def _listdir(path: str) -> list[str]:
+  try:
+    return os.listdir(path)
+  except OSError:
+    return []
+
+
+def interrupted_saves(directory: str) -> list[str]:
+  """Temporary directories of saves that never finalised (a kill mid-save); orbax ignores them."""
+  return sorted(n for n in _listdir(directory) if ".orbax-checkpoint-tmp" in n)
+
+
+# ----------------------------------------------------------------------------- JSON items
+
+
+def _to_json(value: Any) -> Any:
+  """Data-iterator states may hold bytes (grain) and numpy scalars: keep them exact in JSON."""
+  if isinstance(value, bytes):
+    return {"__bytes__": base64.b64encode(value).decode("ascii")}
+  if isinstance(value, dict):
+    return {str(k): _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+  return value
+
+
+def _from_json(value: Any) -> Any:
+  if isinstance(value, dict):
+    if set(value) == {"__bytes__"}:
+      return base64.b64decode(value["__bytes__"])
+    if set(value) == {"__ndarray__", "dtype"}:
+      return np.asarray(value["__ndarray__"], dtype=value["dtype"])
+    return {k: _from_json(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_from_json(v) for v in value]
+  return value
+
+
+# ----------------------------------------------------------------------------- tree comparison
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat(tree) -> dict[str, Any]:
+  """{'params/layers/q_proj': leaf}: optax namedtuples and orbax's dict form of them flatten to the same keys."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def describe_mismatch(expected: dict[str, Any], found: dict[str, Any], limit: int = 8) -> list[str]:
+  """Human-readable differences between two flat {key: shaped} maps (what the run expects vs the checkpoint)."""
+  # Parameters first: they name the model change behind a mismatch; optimizer moments only repeat it.
+  expected = dict(sorted(expected.items(), key=lambda kv: not kv[0].startswith("params")))
+  problems = []
+  missing = [k for k in expected if k not in found]
+  extra = [k for k in found if k not in expected]
+  if missing:
+    problems.append(f"missing from the checkpoint: {', '.join(missing[:limit])}"
+                    + (f" (+{len(missing) - limit} more)" if len(missing) > limit else ""))
+  if extra:
+    problems.append(f"in the checkpoint but not in this run: {', '.join(extra[:limit])}"
+                    + (f" (+{len(extra) - limit} more)" if len(extra) > limit else ""))
+  shapes = [f"{k}: run {tuple(expected[k].shape)} vs checkpoint {tuple(found[k].shape)}"
+            for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+  if shapes:
+    problems.append("shape mismatch: " + "; ".join(shapes[:limit])
+                    + (f" (+{len(shapes) - limit} more)" if len(shapes) > limit else ""))
+  return problems
+
+
+# ----------------------------------------------------------------------------- the run's checkpointer
+
+
+class Checkpointer:
+  """Saves and restores a run's state with orbax: async, keep-last-N plus every K-th, atomic per step."""
+
+  def __init__(self, run_dir: str, cfg: CheckpointConfig, *, read_only: bool = False):
+    self.cfg = cfg
+    self.directory = checkpoint_dir(run_dir)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"no checkpoints at {self.directory}: pass a run directory that holds "
+                            f"'{CHECKPOINTS}/' (written by maxlm.train or `maxlm.convert from-hf`)")
+    every = max(int(cfg.every), 1)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_last if cfg.keep_last > 0 else None,
+        keep_period=cfg.keep_every if cfg.keep_every > 0 else None,
+        # Our own interval rule: orbax's default also saves the first step it sees, which a resumed run
+        # would turn into an off-schedule checkpoint.
+        should_save_fn=lambda step, last: step % every == 0,
+        enable_async_checkpointing=bool(cfg.async_save) and not read_only,
+        create=not read_only,
+        read_only=read_only,
+        # Leftovers of a save killed before finalisation: never listed as steps, removed on the next start.
+        cleanup_tmp_directories=not read_only,
+    )
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"cannot open checkpoints at {self.directory}: {e}") from None
+
+  # ---------------------------------------------------------------------------- listing
+
+  def steps(self) -> list[int]:
+    """Finalised steps, oldest first (saves still in flight or interrupted are not listed)."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def _check_step(self, step: Optional[int]) -> int:
+    steps = self.steps()
+    if not steps:
+      partial = interrupted_saves(self.directory)
+      why = (f"; {len(partial)} interrupted save(s) ({', '.join(partial)}) never finalised" if partial else "")
+      raise CheckpointError(f"no finalised checkpoint in {self.directory}{why}")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise CheckpointError(f"step {step} has no checkpoint in {self.directory}; "
+                            f"available steps: {', '.join(map(str, steps))}")
+    return step
+
+  def metadata(self, step: int) -> tuple[dict[str, Any], dict]:
+    """(flat {key: ArrayMetadata} of the saved state, meta item) of a finalised step."""
+    step_dir = os.path.join(self.directory, str(step))
+    for item in ("state", "config"):
+      if not os.path.isdir(os.path.join(step_dir, item)):
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete: its '{item}' item is missing; "
+                              f"restore another step (available: {', '.join(map(str, self.steps()))})")
+    try:
+      md = self._manager.item_metadata(step)
+      tree = md["state"].tree if md["state"] is not None else None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
+    if tree is None:
+      raise self._unreadable(step, "no readable state metadata")
+    return _flat(tree), self._read_json(step, "meta") or {}
+
+  def _unreadable(self, step: int, cause: Any) -> CheckpointError:
+    why = f"{type(cause).__name__}: {str(cause)[:300]}" if isinstance(cause, BaseException) else str(cause)
+    others = ", ".join(str(s) for s in self.steps() if s != step) or "none"
+    return CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable (corrupt or partially "
+                           f"deleted): {why} ... Other steps: {others} (pick one with --step / restore(step=)).")
+
+  def _read_json(self, step: int, item: str) -> Any:
+    if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+      return None
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"cannot read the {item!r} item of checkpoint step {step} in {self.directory}: "
+                            f"{type(e).__name__}: {e}") from None
+    return out[item]
+
+  def config(self, step: Optional[int] = None) -> Config:
+    step = self._check_step(step)
+    data = self._read_json(step, "config")
+    if data is None:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} has no saved config")
+    try:
+      return config_from_dict(data)
+    except ConfigError as e:
+      raise CheckpointError(f"the config saved with step {step} in {self.directory} is invalid for this "
+                            f"version of maxlm: {e}") from None
+
+  # ---------------------------------------------------------------------------- save
+
+  def save(self, step: int, state: dict, *, data_state: Optional[dict], config: Config,
+           force: bool = False, kind: str = "train") -> bool:
+    """Saves `state` at `step` if the schedule (every N) says so or `force`; returns whether a save started."""
+    if not self.cfg.enabled and not force:
+      return False
+    step = int(step)
+    if not force and step % max(int(self.cfg.every), 1):
+      return False
+    if step in self._manager.all_steps():
+      return False  # e.g. the final step coincides with a periodic save
+    meta = {"format": FORMAT, "kind": kind, "step": step, "maxlm_version": __version__,
+            "items": sorted(state)}
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data_state=ocp.args.JsonSave({"data_state": _to_json(data_state)}),
+        config=ocp.args.JsonSave(config.to_dict()),
+        meta=ocp.args.JsonSave(meta))
+    try:
+      return bool(self._manager.save(step, args=args, force=True))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}") from e
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # ---------------------------------------------------------------------------- restore
+
+  def restore(self, abstract_state: dict, step: Optional[int] = None) -> tuple[dict, Optional[dict]]:
+    """Restores `step` (default: the latest) into the shardings of `abstract_state` (ShapeDtypeStructs).
+
+    The shardings may belong to a different mesh or device count than the one that saved.
+    """
+    step = self._check_step(step)
+    found, meta = self.metadata(step)
+    expected = _flat(abstract_state)
+    problems = describe_mismatch(expected, found)
+    if problems:
+      hint = ""
+      if meta.get("kind") == "params" and any(k.startswith("opt_state") for k in expected):
+        hint = (" This checkpoint holds parameters only (written by `maxlm.convert from-hf`): start a run "
+                "from it with checkpoint.init_from=RUN_DIR and a fresh run.dir instead of resuming.")
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this run's state: "
+                            + "; ".join(problems) + "." + hint)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
+    data = self._read_json(step, "data_state")
+    return out["state"], _from_json(data["data_state"]) if data else None
+
+  def restore_subtree(self, keys: tuple[str, ...], step: Optional[int] = None) -> dict:
+    """Restores only the top-level entries `keys` of the saved state (those present) as host numpy arrays."""
+    step = self._check_step(step)
+    found, _ = self.metadata(step)
+    md = self._manager.item_metadata(step)["state"].tree
+    sub = {k: md[k] for k in keys if k in md}
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
+    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
+    del found
+    return out["state"]
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False
+
+
+# ----------------------------------------------------------------------------- params only
+
+
+def _reader(path: str) -> Checkpointer:
+  directory = checkpoint_dir(path)
+  if not os.path.exists(os.path.abspath(os.path.expanduser(path))):
+    raise CheckpointError(f"checkpoint path {path!r} does not exist; pass a run directory holding "
+                          f"'{CHECKPOINTS}/' (from maxlm.train or `maxlm.convert from-hf`)")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{path!r} holds no '{CHECKPOINTS}/' directory: pass the run directory of a "
+                          "maxlm.train run or a `maxlm.convert from-hf` output")
+  return Checkpointer(path, CheckpointConfig(async_save=False), read_only=True)
+
+
+def load_params(path: str, step: Optional[int] = None) -> tuple[Config, dict, dict]:
+  """(resolved config, params as host numpy arrays, extras such as {'cost_embedding': (V, dE)}) of a run dir.
+
+  Reads only the params and extras, never the optimizer state.
+  """
+  ckpt = _reader(path)
+  try:
+    step = ckpt._check_step(step)  # pylint: disable=protected-access
+    cfg = ckpt.config(step)
+    state = ckpt.restore_subtree(("params",) + EXTRA_KEYS, step)
+  finally:
+    ckpt.close()
+  if "params" not in state:
+    raise CheckpointError(f"checkpoint step {step} under {path} holds no params")
+  extras = {k: state[k] for k in EXTRA_KEYS if k in state}
+  return cfg, state["params"], extras
+
+
+def save_params(run_dir: str, cfg: Config, params: dict, *, extras: Optional[dict] = None, step: int = 0) -> None:
+  """Writes a params-only checkpoint (+ extras) that load_params reads and checkpoint.init_from starts from."""
+  state = {"params": params, **(extras or {})}
+  unknown = set(extras or {}) - set(EXTRA_KEYS)
+  if unknown:
+    raise CheckpointError(f"unknown checkpoint extras {sorted(unknown)}; known: {', '.join(EXTRA_KEYS)}")
+  with Checkpointer(run_dir, CheckpointConfig(async_save=False, keep_last=0)) as ckpt:
+    if step in ckpt.steps():
+      raise CheckpointError(f"{ckpt.directory} already holds step {step}; write to a new directory")
+    ckpt.save(step, state, data_state=None, config=cfg, force=True, kind="params")

@@ -1,0 +1,253 @@
+"""PCFG corpus: parsing and validation, sampler vs inside probabilities, inside vs brute-force enumeration,
+exact and estimated entropy rates, the word tokenizer, and the grain source built on it."""
+
+import collections
+import math
+import types
+
+import numpy as np
+import pytest
+
+from maxlm.data_pipelines import build_eval_batches, build_train_iterator, describe
+from maxlm.data_pipelines import pcfg
+from maxlm.errors import DataError
+
+# Ambiguous (two derivations of "a a a"), with a unary chain, a terminal inside a binary rule, finite language.
+TINY = """
+S A B 0.5
+S A X 0.3
+S C 0.2
+X A B 1.0
+A a 0.7
+A B A 0.3
+B b 0.6
+B a 0.4
+C D 1.0
+D c 0.9
+D c b 0.1
+"""
+
+# Recursive: S -> S S with probability 0.25 (subcritical: 0.5 expected S children).
+RECURSIVE = """
+S S S 0.25
+S x 0.45
+S y 0.30
+"""
+
+
+def _derivations(rules, sym, depth):
+  """Independent reference: every (yield, probability) of the derivations from sym within depth levels."""
+  if sym not in rules:
+    return [((sym,), 1.0)]
+  if depth == 0:
+    return []
+  out = []
+  for rhs, p in rules[sym]:
+    combos = [((), p)]
+    for s in rhs:
+      combos = [(w + w2, q * q2) for w, q in combos for w2, q2 in _derivations(rules, s, depth - 1)]
+    out += combos
+  return out
+
+
+def _sentence_table(text, depth):
+  rules = collections.defaultdict(list)
+  first = None
+  for line in text.strip().splitlines():
+    f = line.split()
+    first = first or f[0]
+    rules[f[0]].append((tuple(f[1:-1]), float(f[-1])))
+  table = collections.Counter()
+  for w, p in _derivations(rules, first, depth):
+    table[w] += p
+  return table
+
+
+def test_inside_matches_brute_force_enumeration_finite():
+  g = pcfg.parse_grammar(TINY, strict=True)
+  table = _sentence_table(TINY, depth=12)
+  assert math.isclose(sum(table.values()), 1.0, rel_tol=1e-12)
+  sentences = list(table)
+  got = g.sentence_logprobs([g.encode(" ".join(s)) for s in sentences])
+  np.testing.assert_allclose(got, np.log([table[s] for s in sentences]), rtol=1e-12)
+  # A sentence the grammar cannot produce has probability 0.
+  assert g.sentence_logprob(g.encode("c a")) == -np.inf
+
+
+def test_inside_matches_brute_force_enumeration_recursive():
+  g = pcfg.parse_grammar(RECURSIVE)
+  table = _sentence_table(RECURSIVE, depth=6)  # exact for sentences of <= 4 words (depth 6 covers all trees)
+  for s, p in table.items():
+    if len(s) <= 4:
+      assert math.isclose(g.sentence_logprob(g.encode(" ".join(s))), math.log(p), rel_tol=1e-10), s
+
+
+def test_inside_long_sentences_do_not_underflow():
+  g = pcfg.parse_grammar(RECURSIVE)
+  lp = g.sentence_logprob(g.encode(" ".join(["x"] * 400)))
+  assert np.isfinite(lp) and lp < -700  # far below float64's smallest positive number
+
+
+def test_sampled_frequencies_match_inside_probabilities():
+  g = pcfg.parse_grammar(TINY)
+  n = 40000
+  sentences, _ = g.sample_sentences(n, seed=7)
+  counts = collections.Counter(tuple(s.tolist()) for s in sentences)
+  support = list(counts)
+  probs = np.exp(g.sentence_logprobs([np.array(s) for s in support]))
+  assert np.all(probs > 0)  # the sampler only emits sentences of the grammar
+  # Pearson chi-square over sentences with expected count >= 5, remainder pooled.
+  big = probs * n >= 5
+  obs = np.array([counts[s] for s in support])
+  o = np.append(obs[big], obs[~big].sum())
+  e = np.append(probs[big] * n, n - probs[big].sum() * n)
+  chi2 = float(((o - e) ** 2 / e).sum())
+  k = len(o) - 1
+  z = 3.719  # alpha = 1e-4; Wilson-Hilferty approximation of the chi-square quantile
+  critical = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+  assert chi2 < critical, (chi2, critical)
+
+
+def test_sampler_derivation_logprob_is_exact_for_unambiguous_sentence():
+  g = pcfg.parse_grammar(TINY)
+  sentences, dlogp = g.sample_sentences(2000, seed=1)
+  for s, lp in zip(sentences, dlogp):
+    if g.decode(s) == "c":
+      assert math.isclose(lp, math.log(0.2 * 0.9))
+
+
+def test_exact_entropy_of_finite_grammar():
+  g = pcfg.parse_grammar(TINY)
+  table = _sentence_table(TINY, depth=12)
+  p = np.array(list(table.values()))
+  h = float(-(p * np.log(p)).sum())
+  mean_len = sum(q * len(s) for s, q in table.items())
+  rep = g.entropy()
+  assert rep.exact and rep.stderr == 0.0
+  assert math.isclose(rep.sentence_entropy, h, rel_tol=1e-12)
+  assert math.isclose(rep.tokens_per_sentence, mean_len + 1, rel_tol=1e-12)
+  assert math.isclose(rep.entropy_per_token, h / (mean_len + 1), rel_tol=1e-12)
+  assert rep.derivation_entropy > rep.sentence_entropy  # "a a a" has two derivations
+
+
+def test_estimated_entropy_of_recursive_grammar_matches_enumeration():
+  g = pcfg.parse_grammar(RECURSIVE)
+  rep = g.entropy(num_samples=4000, seed=3)
+  assert not rep.exact and rep.stderr > 0
+  table = _sentence_table(RECURSIVE, depth=7)  # covers all but ~1e-4 of the mass
+  p = np.array(list(table.values()))
+  h_trunc = float(-(p * np.log(p)).sum())
+  assert 1 - p.sum() < 2e-3
+  # The truncated mass adds at most a little entropy; the estimate must sit within 5 SE of the reference.
+  assert abs(rep.sentence_entropy - h_trunc) < 5 * rep.stderr * rep.tokens_per_sentence + 0.05
+  # E[words]: each S emits a word with prob 0.75 and makes 0.5 S children on average -> 0.75 / 0.5.
+  assert math.isclose(rep.tokens_per_sentence, 0.75 / 0.5 + 1)
+
+
+def test_parse_errors_are_clear():
+  with pytest.raises(DataError, match="expected 'LHS RHS p'"):
+    pcfg.parse_grammar("S a b c 0.5")
+  with pytest.raises(DataError, match="must be a probability"):
+    pcfg.parse_grammar("S a x")
+  with pytest.raises(DataError, match="duplicate rule"):
+    pcfg.parse_grammar("S a 0.5\nS a 0.5")
+  with pytest.raises(DataError, match="sum to 1"):
+    pcfg.parse_grammar("S a 0.5\nS b 0.4", strict=True)
+  with pytest.raises(DataError, match="not consistent"):
+    pcfg.parse_grammar("S S S 0.6\nS a 0.4")
+  with pytest.raises(DataError, match="cycle"):
+    pcfg.parse_grammar("S A 1.0\nA S 1.0")
+  with pytest.raises(DataError, match="available: builtin:demo"):
+    pcfg.load_grammar("builtin:nope")
+  # Non-strict mode normalises per LHS.
+  g = pcfg.parse_grammar("S a 2\nS b 6")
+  assert math.isclose(g.sentence_logprob(g.encode("b")), math.log(0.75))
+
+
+def test_tokenizer_ids_are_stable_and_round_trip():
+  g = pcfg.parse_grammar(TINY)
+  assert g.vocab == ["<eos>", "a", "b", "c"] and g.separator_id == 0
+  assert g.decode(g.encode("a b c")) == "a b c"
+  hf = g.to_hf_tokenizer()
+  assert hf.encode("a b c").ids == g.encode("a b c")
+
+
+def test_demo_grammar_is_rich_and_cheap():
+  g = pcfg.load_grammar("builtin:demo")
+  assert 300 <= g.vocab_size <= 1000 and g.recursive
+  stream = g.sample_stream(200_000, seed=0)
+  assert stream.shape == (200_000,)
+  np.testing.assert_array_equal(stream[:5000], g.sample_stream(5000, seed=0))  # prefix-stable, deterministic
+  assert not np.array_equal(stream[:5000], g.sample_stream(5000, seed=1))
+  rep = pcfg.grammar_entropy("builtin:demo")
+  assert rep.entropy_per_token < math.log(g.vocab_size) - 1.0
+  assert rep.stderr < 0.01
+  # The stream's separator frequency matches 1 / E[tokens per sentence].
+  sep_rate = float(np.mean(stream == 0))
+  assert abs(sep_rate - 1 / rep.tokens_per_sentence) < 0.005
+
+
+def _cfg(**kw):
+  base = dict(source="pcfg", grammar="builtin:demo", shuffle=True, document_masking=False, prefetch=2,
+              num_workers=0)
+  base.update(kw)
+  return types.SimpleNamespace(**base)
+
+
+def test_pcfg_source_batches_resume_and_describe():
+  cfg = _cfg(document_masking=True)
+  it = build_train_iterator(cfg, seq_len=64, batch_size=4, seed=5)
+  first = [next(it) for _ in range(6)]
+  b = first[0]
+  assert b["inputs"].dtype == np.int32 and b["inputs"].shape == (4, 64)
+  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+  g = pcfg.load_grammar("builtin:demo")
+  stream = g.sample_stream(4 * 64 + 1, seed=5)
+  np.testing.assert_array_equal(b["inputs"][0], stream[:64])  # window 0 of the seed's stream
+  # Reference segment ids: a separator opens the next segment.
+  seg, cur = [], 1
+  for tok in b["inputs"][0]:
+    cur += int(tok == 0)
+    seg.append(cur)
+  np.testing.assert_array_equal(b["segment_ids"][0], seg)
+  state = it.get_state()
+  rest = [next(it) for _ in range(3)]
+  it2 = build_train_iterator(cfg, seq_len=64, batch_size=4, seed=5)
+  it2.set_state(state)
+  for r in rest:
+    np.testing.assert_array_equal(next(it2)["inputs"], r["inputs"])
+  it.close()
+  it2.close()
+  info = describe(cfg)
+  assert info.vocab_size == g.vocab_size and info.domains == ["pcfg"] and info.separator_id == 0
+  assert 0 < info.true_entropy_per_token < math.log(g.vocab_size) and info.true_entropy_stderr < 0.01
+  assert info.decode([1, 2]) == g.decode([1, 2])
+
+
+def test_pcfg_processes_split_the_stream():
+  seq_len, per_chunk = 64, (1 << 17) // 64
+  one = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2)
+  chunks = [next(one)["inputs"] for _ in range(2)]  # chunk 0 then chunk 1 of the stream
+  p0 = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2, process_index=0,
+                            process_count=2)
+  p1 = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2, process_index=1,
+                            process_count=2)
+  np.testing.assert_array_equal(next(p0)["inputs"], chunks[0])
+  np.testing.assert_array_equal(next(p1)["inputs"], chunks[1])
+  for it in (one, p0, p1):
+    it.close()
+
+
+def test_pcfg_finite_corpus_and_eval_are_disjoint_streams():
+  cfg = _cfg(pcfg_tokens=20_000)
+  it = build_train_iterator(cfg, seq_len=32, batch_size=8, seed=0)
+  epoch = {tuple(r) for _ in range((20_000 - 1) // 32 // 8) for r in next(it)["inputs"]}
+  g = pcfg.load_grammar("builtin:demo")
+  stream = g.sample_stream(20_000, seed=0)
+  windows = {tuple(stream[i * 32:i * 32 + 32]) for i in range((20_000 - 1) // 32)}
+  assert len(epoch) > 500 and epoch <= windows  # one epoch: distinct windows of the pre-sampled corpus
+  ev = build_eval_batches(cfg, seq_len=32, batch_size=8, num_batches=3)
+  assert list(ev) == ["pcfg"] and len(ev["pcfg"]) == 3
+  ev_rows = {tuple(r) for b in ev["pcfg"] for r in b["inputs"]}
+  assert not ev_rows & epoch
+  it.close()
