@@ -85,12 +85,6 @@ def unit_rows(emb_RxE):
   return emb_RxE / jnp.maximum(norm_R, jnp.finfo(F32).tiny)
 
 
-def _vocab_offset(cfg: StatsConfig, v_local: int):
-  if cfg.vocab_axis is None:
-    return 0
-  return lax.axis_index(cfg.vocab_axis) * v_local
-
-
 def _label_embedding(cfg: StatsConfig, cost_VxE, local_labels_N):
   """Unit cost embedding of each token's label, (N, dE); only used when the vocabulary is sharded.
 
@@ -152,7 +146,7 @@ def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
   plan = cfg.plan
   n, v_local = hidden_NxD.shape[0], w_DxV.shape[1]
   valid_N = labels_N != cfg.ignore_index
-  local_labels_N = jnp.where(valid_N, labels_N - _vocab_offset(cfg, v_local), -1).astype(jnp.int32)
+  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
   ey_NxE = None
   if cost_VxE is not None and cfg.vocab_axis is not None:
     ey_NxE = _label_embedding(cfg, cost_VxE, local_labels_N)
@@ -186,12 +180,29 @@ def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
     return lax.fori_loop(0, plan.token_chunks, token_body, state)
 
   state = lax.fori_loop(0, plan.vocab_chunks, vocab_body, state)
+  stats, (lse_N, mean_z_N, sum_ps_N) = finalize_stats(state, valid_N, cfg.vocab_axis, cost_VxE is not None)
+  residuals = (hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, stats["p_y"])
+  return stats, residuals
+
+
+def local_labels(labels_N, ignore_index, vocab_axis, v_local):
+  """Labels as column indices of this vocabulary shard; -1 where ignored (and, sharded, where owned elsewhere
+  only in the sense that the index falls outside [0, v_local))."""
+  offset = 0 if vocab_axis is None else lax.axis_index(vocab_axis) * v_local
+  return jnp.where(labels_N != ignore_index, labels_N - offset, -1).astype(jnp.int32)
+
+
+def finalize_stats(state, valid_N, vocab_axis, with_emo):
+  """token_stats from the online state {m, l, a, b, zy} of one vocabulary shard (all impls share this).
+
+  Returns (stats, (lse, sum_v p_v z_v, sum_v p_v s_v)); the last three are backward residuals.
+  """
   m, l, a, b, zy = (state[k] for k in ("m", "l", "a", "b", "zy"))
-  if cfg.vocab_axis is not None:
+  if vocab_axis is not None:
     # Each shard summed its own vocabulary slice: bring every shard to the global max, then add.
-    m_all = lax.pmax(m, cfg.vocab_axis)
+    m_all = lax.pmax(m, vocab_axis)
     a, scale = _rescale_sum_rel(a, l, m, m_all)
-    a, l, b, zy = (lax.psum(x, cfg.vocab_axis) for x in (a, scale * l, scale * b, zy))
+    a, l, b, zy = (lax.psum(x, vocab_axis) for x in (a, scale * l, scale * b, zy))
     m = m_all
   log_l = jnp.log(l)
   lse_N = m + log_l
@@ -204,11 +215,38 @@ def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
     "mask": valid_N.astype(F32),
   }
   sum_ps_N = None
-  if cost_VxE is not None:
+  if with_emo:
     sum_ps_N = b / l
     stats["emo"] = jnp.where(valid_N, 1.0 - sum_ps_N, 0.0)
-  residuals = (hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, stats["p_y"])
-  return stats, residuals
+  return stats, (lse_N, mean_z_N, sum_ps_N)
+
+
+def backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N):
+  """Per-token terms of dL/dz = p * (coef_p - g_H z - g_emo s) + onehot(y) * coef_y (all impls share this).
+
+  From dCE/dz = p - onehot, dH/dz = -p (z - sum p z), demo/dz = -p (s - sum p s),
+  dp_y/dz = p_y (onehot - p). Zero cotangents (SymbolicZero or absent) drop their term: returns
+  (coef_p, coef_y, g_entropy or None, g_emo or None).
+  """
+  g = {k: (None if isinstance(cts.get(k), SymbolicZero) or cts.get(k) is None else cts[k].astype(F32))
+       for k in DIFF_STATS}
+  # ce, emo and p_y are defined as 0 / 1 at ignored tokens: no gradient flows there.
+  for k in ("ce", "emo", "p_y"):
+    if g[k] is not None:
+      g[k] = jnp.where(valid_N, g[k], 0.0)
+  if sum_ps_N is None:
+    g["emo"] = None
+  coef_p_N = jnp.zeros(valid_N.shape, F32)
+  coef_y_N = jnp.zeros(valid_N.shape, F32)
+  if g["ce"] is not None:
+    coef_p_N, coef_y_N = coef_p_N + g["ce"], coef_y_N - g["ce"]
+  if g["entropy"] is not None:
+    coef_p_N = coef_p_N + g["entropy"] * mean_z_N
+  if g["emo"] is not None:
+    coef_p_N = coef_p_N + g["emo"] * sum_ps_N
+  if g["p_y"] is not None:
+    coef_p_N, coef_y_N = coef_p_N - g["p_y"] * p_y_N, coef_y_N + g["p_y"] * p_y_N
+  return coef_p_N, coef_y_N, g["entropy"], g["emo"]
 
 
 def _backward(cfg: StatsConfig, residuals, cts):
@@ -216,33 +254,16 @@ def _backward(cfg: StatsConfig, residuals, cts):
   plan = cfg.plan
   (n, d), v_local = hidden_NxD.shape, w_DxV.shape[1]
   valid_N = labels_N != cfg.ignore_index
-  local_labels_N = jnp.where(valid_N, labels_N - _vocab_offset(cfg, v_local), -1).astype(jnp.int32)
+  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
   ey_NxE = None
   if cost_VxE is not None and cfg.vocab_axis is not None:
     ey_NxE = _label_embedding(cfg, cost_VxE, local_labels_N)
 
-  # Per-token cotangents; zero ones arrive symbolic and drop their term statically.
-  g = {k: (None if isinstance(cts.get(k), SymbolicZero) or cts.get(k) is None else cts[k].astype(F32))
-       for k in DIFF_STATS}
-  # ce, emo and p_y are defined as 0 / 1 at ignored tokens: no gradient flows there.
-  for k in ("ce", "emo", "p_y"):
-    if g[k] is not None:
-      g[k] = jnp.where(valid_N, g[k], 0.0)
-  # dz = p * (coef_p - g_H z - g_emo s) + onehot(y) * coef_y, from
-  #   dCE/dz = p - onehot, dH/dz = -p (z - sum p z), demo/dz = -p (s - sum p s), dp_y/dz = p_y (onehot - p).
-  coef_p_N = jnp.zeros((n,), F32)
-  coef_y_N = jnp.zeros((n,), F32)
-  if g["ce"] is not None:
-    coef_p_N, coef_y_N = coef_p_N + g["ce"], coef_y_N - g["ce"]
-  if g["entropy"] is not None:
-    coef_p_N = coef_p_N + g["entropy"] * mean_z_N
-  if g["emo"] is not None and cost_VxE is not None:
-    coef_p_N = coef_p_N + g["emo"] * sum_ps_N
-  if g["p_y"] is not None:
-    coef_p_N, coef_y_N = coef_p_N - g["p_y"] * p_y_N, coef_y_N + g["p_y"] * p_y_N
-  use_emo = g["emo"] is not None and cost_VxE is not None
-  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, *g.values())
+  coef_p_N, coef_y_N, g_entropy, g_emo = backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N)
+  g = {"entropy": g_entropy, "emo": g_emo}
+  use_emo = g_emo is not None
   cost_for_tiles = cost_VxE if use_emo else None
+  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, coef_p_N, g_entropy, g_emo)
 
   def vocab_body(j, carry):
     dh_NxD, dw_DxV = carry

@@ -133,8 +133,8 @@ class Checkpointer:
         # would turn into an off-schedule checkpoint.
         should_save_fn=lambda step, last: step % every == 0,
         enable_async_checkpointing=bool(cfg.async_save) and not read_only,
+        # Readers (conversion, evaluation) never write; orbax's own read_only flag only logs a warning per call.
         create=not read_only,
-        read_only=read_only,
         # Leftovers of a save killed before finalisation: never listed as steps, removed on the next start.
         cleanup_tmp_directories=not read_only,
     )

@@ -108,6 +108,7 @@ class DataConfig:
   weights: dict = dataclasses.field(default_factory=dict)
   index_file: str = ""
   grammar: str = "builtin:demo"
+  pcfg_tokens: int = 0  # 0 = an unbounded stream sampled on demand; N = a finite corpus of N tokens
   shuffle: bool = True
   document_masking: bool = False
   prefetch: int = 4

@@ -441,7 +441,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
       now = time.perf_counter()
       tps = window_tokens / max(now - window_start, 1e-9)
       window_start, window_tokens = now, 0
-      m.update(step=step, tokens_per_sec=tps, mfu=tps * flops_per_step / tokens_per_step / (peak * jax.device_count()))
+      m.update(tokens_per_sec=tps, mfu=tps * flops_per_step / tokens_per_step / (peak * jax.device_count()))
       logger.log(step, m)
       last_logged = m
       if progress is not None:

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -148,58 +147,63 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, cfg):
   assert_trees_equal(restored, state)
 
 
-RESHARD_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[2]
-    import jax, numpy as np, optax
-    from maxlm import checkpoint, model, sharding
-    from maxlm.config import CheckpointConfig, load_config
-    n = int(sys.argv[2])
-    cfg = load_config("demo", {tiny!r} + ["model.vocab_size=64", "mesh.fsdp=" + str(n // 2 if n > 1 else 1),
-                                           "mesh.tensor=" + str(2 if n > 1 else 1)], num_devices=n)
-    mesh = sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    _, abstract_params, specs = model.abstract_model(cfg.model)
-    p_shard = sharding.named_shardings(specs, mesh)
-    opt = optax.adamw(1e-3)
-    def init():
-      params = model.init_params(cfg.model, 0)
-      opt_state = opt.init(params)
-      _, opt_state = opt.update(jax.tree.map(lambda p: p * 0 + 1, params), opt_state, params)
-      return {{"params": params, "opt_state": opt_state}}
-    shapes = jax.eval_shape(init)
-    # Optimizer moments share their parameter's sharding; scalars are replicated.
-    o_shard = optax.tree_map_params(opt, lambda _, s: s, shapes["opt_state"], p_shard,
-                                    transform_non_params=lambda _: sharding.replicated(mesh))
-    shards = {{"params": p_shard, "opt_state": o_shard}}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
-    ckpt = checkpoint.Checkpointer(sys.argv[1], CheckpointConfig(every=1, async_save=True))
-    if sys.argv[3] == "save":
+def reshard(path, n, mode, step):
+  """Saves or restores sharded params + optimizer state on an (1, n/2, 2) mesh of the current process."""
+  from maxlm import sharding  # pylint: disable=import-outside-toplevel
+  assert len(jax.devices()) == n
+  cfg = load_config("demo", TINY + ["model.vocab_size=64", f"mesh.fsdp={max(n // 2, 1)}",
+                                    f"mesh.tensor={2 if n > 1 else 1}"], num_devices=n)
+  mesh = sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+  _, _, specs = model.abstract_model(cfg.model)
+  p_shard = sharding.named_shardings(specs, mesh)
+  opt = optax.adamw(1e-3)
+
+  def init():
+    params = model.init_params(cfg.model, 0)
+    opt_state = opt.init(params)
+    _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+    return {"params": params, "opt_state": opt_state}
+
+  shapes = jax.eval_shape(init)
+  # Optimizer moments share their parameter's sharding; scalars are replicated.
+  o_shard = optax.tree_map_params(opt, lambda _, s: s, shapes["opt_state"], p_shard,
+                                  transform_non_params=lambda _: sharding.replicated(mesh))
+  shards = {"params": p_shard, "opt_state": o_shard}
+  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
+  with checkpoint.Checkpointer(path, CheckpointConfig(every=1, async_save=True)) as ckpt:
+    if mode == "save":
       state = jax.jit(init, out_shardings=shards)()
       assert len(state["params"]["layers"]["q_proj"].sharding.device_set) == n
-      ckpt.save(int(sys.argv[4]), state, data_state={{"devices": n}}, config=cfg)
+      ckpt.save(step, state, data_state={"devices": n}, config=cfg)
       ckpt.wait()
-    else:
-      state, data_state = ckpt.restore(abstract, step=int(sys.argv[4]))
-      q = state["params"]["layers"]["q_proj"]
-      assert len(q.sharding.device_set) == n and q.sharding == abstract["params"]["layers"]["q_proj"].sharding
-      expect = jax.jit(init)()
-      for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expect)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-      print("restored", data_state)
-    ckpt.close()
-    """).format(tiny=TINY)
+      return None
+    state, data_state = ckpt.restore(abstract_state, step=step)
+  q = state["params"]["layers"]["q_proj"]
+  assert len(q.sharding.device_set) == n and q.sharding == abstract_state["params"]["layers"]["q_proj"].sharding
+  assert_trees_equal(state, jax.jit(init)())
+  return data_state
 
 
-def _run(tmp_path, *args):
+SUBPROCESS = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax is imported
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+from test_checkpoint import reshard
+print("restored", reshard(sys.argv[2], 8, sys.argv[3], int(sys.argv[4])))
+"""
+
+
+def _on_8_devices(path, mode, step):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", RESHARD_SCRIPT, str(tmp_path), *args], env=env,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", SUBPROCESS, os.path.abspath(__file__), str(path), mode, str(step)],
+                       env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
 
 def test_restore_onto_a_different_device_count(tmp_path):
-  _run(tmp_path, "8", "save", "1")
-  assert "restored {'devices': 8}" in _run(tmp_path, "1", "restore", "1")
-  _run(tmp_path, "1", "save", "2")
-  assert "restored {'devices': 1}" in _run(tmp_path, "8", "restore", "2")
+  assert len(jax.devices()) == 1
+  _on_8_devices(tmp_path, "save", 1)
+  assert reshard(str(tmp_path), 1, "restore", 1) == {"devices": 8}
+  reshard(str(tmp_path), 1, "save", 2)
+  assert "restored {'devices': 1}" in _on_8_devices(tmp_path, "restore", 2)

@@ -2,6 +2,8 @@
 exact and estimated entropy rates, the word tokenizer, and the grain source built on it."""
 
 import collections
+import functools
+import itertools
 import math
 import types
 
@@ -19,7 +21,7 @@ S A X 0.3
 S C 0.2
 X A B 1.0
 A a 0.7
-A B A 0.3
+A B a 0.3
 B b 0.6
 B a 0.4
 C D 1.0
@@ -74,33 +76,54 @@ def test_inside_matches_brute_force_enumeration_finite():
   assert g.sentence_logprob(g.encode("c a")) == -np.inf
 
 
+@functools.lru_cache(maxsize=None)
+def _recursive_prob(w: str) -> float:
+  """Independent reference for RECURSIVE, straight from its rules: P(S => w) over all derivations."""
+  p = {"x": 0.45, "y": 0.30}.get(w, 0.0) if len(w) == 1 else 0.0
+  return p + 0.25 * sum(_recursive_prob(w[:k]) * _recursive_prob(w[k:]) for k in range(1, len(w)))
+
+
+def _recursive_table(max_len):
+  return {w: _recursive_prob(w) for n in range(1, max_len + 1)
+          for w in ("".join(t) for t in itertools.product("xy", repeat=n))}
+
+
 def test_inside_matches_brute_force_enumeration_recursive():
   g = pcfg.parse_grammar(RECURSIVE)
-  table = _sentence_table(RECURSIVE, depth=6)  # exact for sentences of <= 4 words (depth 6 covers all trees)
+  # Derivation enumeration to depth 4 is exact for sentences of <= 3 words (no tree of 3 leaves is deeper).
+  table = _sentence_table(RECURSIVE, depth=4)
   for s, p in table.items():
-    if len(s) <= 4:
+    if len(s) <= 3:
       assert math.isclose(g.sentence_logprob(g.encode(" ".join(s))), math.log(p), rel_tol=1e-10), s
+  for w, p in _recursive_table(7).items():
+    assert math.isclose(g.sentence_logprob(g.encode(" ".join(w))), math.log(p), rel_tol=1e-10), w
 
 
 def test_inside_long_sentences_do_not_underflow():
-  g = pcfg.parse_grammar(RECURSIVE)
-  lp = g.sentence_logprob(g.encode(" ".join(["x"] * 400)))
-  assert np.isfinite(lp) and lp < -700  # far below float64's smallest positive number
+  g = pcfg.parse_grammar("S S S 0.25\nS x 0.0001\nS y 0.7499")
+  n = 200
+  lp = g.sentence_logprob(g.encode(" ".join(["x"] * n)))
+  # x^n: every binary tree with n leaves (Catalan(n-1) of them) has probability 1e-4^n 0.25^(n-1).
+  catalan = math.comb(2 * (n - 1), n - 1) // n
+  expected = n * math.log(1e-4) + (n - 1) * math.log(0.25) + math.log(catalan)
+  assert expected < -1500  # far below float64's smallest positive number
+  assert math.isclose(lp, expected, rel_tol=1e-10)
 
 
 def test_sampled_frequencies_match_inside_probabilities():
   g = pcfg.parse_grammar(TINY)
   n = 40000
   sentences, _ = g.sample_sentences(n, seed=7)
-  counts = collections.Counter(tuple(s.tolist()) for s in sentences)
-  support = list(counts)
-  probs = np.exp(g.sentence_logprobs([np.array(s) for s in support]))
-  assert np.all(probs > 0)  # the sampler only emits sentences of the grammar
-  # Pearson chi-square over sentences with expected count >= 5, remainder pooled.
+  counts = collections.Counter(g.decode(s) for s in sentences)
+  support = [" ".join(w) for w in _sentence_table(TINY, depth=12)]  # every sentence the grammar can make
+  assert set(counts) <= set(support)
+  probs = np.exp(g.sentence_logprobs([g.encode(w) for w in support]))
+  # Pearson chi-square over sentences with expected count >= 5, the rest pooled into one cell.
   big = probs * n >= 5
-  obs = np.array([counts[s] for s in support])
-  o = np.append(obs[big], obs[~big].sum())
-  e = np.append(probs[big] * n, n - probs[big].sum() * n)
+  obs = np.array([counts[w] for w in support])
+  o, e = obs[big], probs[big] * n
+  if (~big).any():
+    o, e = np.append(o, obs[~big].sum()), np.append(e, probs[~big].sum() * n)
   chi2 = float(((o - e) ** 2 / e).sum())
   k = len(o) - 1
   z = 3.719  # alpha = 1e-4; Wilson-Hilferty approximation of the chi-square quantile
@@ -134,8 +157,7 @@ def test_estimated_entropy_of_recursive_grammar_matches_enumeration():
   g = pcfg.parse_grammar(RECURSIVE)
   rep = g.entropy(num_samples=4000, seed=3)
   assert not rep.exact and rep.stderr > 0
-  table = _sentence_table(RECURSIVE, depth=7)  # covers all but ~1e-4 of the mass
-  p = np.array(list(table.values()))
+  p = np.array(list(_recursive_table(14).values()))  # all sentences of <= 14 words
   h_trunc = float(-(p * np.log(p)).sum())
   assert 1 - p.sum() < 2e-3
   # The truncated mass adds at most a little entropy; the estimate must sit within 5 SE of the reference.

@@ -1,0 +1,126 @@
+"""seqio tasks and mixtures as a training source (the optional `maxlm[seqio]` extra: seqio pulls TensorFlow).
+
+The task's "targets" token streams are concatenated and cut into seq_len+1 windows, like the token store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from maxlm.errors import DataError
+
+_FEATURE = "targets"
+
+
+def _seqio():
+  try:
+    import seqio  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise DataError("data.source=seqio needs seqio (and TensorFlow): pip install 'maxlm[seqio]'. Register your "
+                    "task by importing its module before training, or use the token store instead.") from None
+  return seqio
+
+
+def _task(cfg):
+  seqio = _seqio()
+  name = getattr(cfg, "seqio_task", "")
+  if not name:
+    raise DataError("data.source=seqio needs data.seqio_task: the name of a registered seqio task or mixture.")
+  try:
+    return seqio, seqio.get_mixture_or_task(name)
+  except ValueError:
+    raise DataError(f"seqio task or mixture {name!r} is not registered; import the module that registers it "
+                    "(e.g. via a sitecustomize or your launcher) before maxlm.train.") from None
+
+
+def _vocabulary(task):
+  if _FEATURE not in task.output_features:
+    raise DataError(f"seqio task {task.name} has no '{_FEATURE}' feature; decoder-LM training reads targets.")
+  return task.output_features[_FEATURE].vocabulary
+
+
+def _windows(cfg, *, seq_len, split, shuffle, seed, process_index, process_count):
+  """Yields (seq_len+1,) windows from the concatenated targets of this process's shard, forever if training."""
+  seqio, task = _task(cfg)
+  vocab = _vocabulary(task)
+  ds = task.get_dataset(sequence_length=None, split=split, shuffle=shuffle, seed=seed,
+                        shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count),
+                        num_epochs=None if split == "train" else 1, use_cached=False)
+  sep = vocab.eos_id if vocab.eos_id is not None else 0
+  buf = np.zeros(0, np.int32)
+  for ex in ds.as_numpy_iterator():
+    toks = np.asarray(ex[_FEATURE], np.int32)
+    if toks.size == 0 or toks[-1] != sep:  # documents must stay separated in the packed stream
+      toks = np.append(toks, sep)
+    buf = np.concatenate([buf, toks])
+    while buf.shape[0] >= seq_len + 1:
+      yield buf[:seq_len + 1]
+      buf = buf[seq_len:]
+
+
+class SeqioIterator:
+  """Batches from a seqio task. tf.data state is not JSON: the state is the batch count, and set_state replays
+  that many batches from the deterministic (seeded) stream, so a resume is exact but costs O(steps) reads."""
+
+  def __init__(self, cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
+    self._args = dict(cfg=cfg, seq_len=seq_len, split="train", shuffle=bool(getattr(cfg, "shuffle", True)),
+                      seed=seed, process_index=process_index, process_count=process_count)
+    self.batch_size, self.fingerprint = batch_size, dict(fingerprint, seqio_task=cfg.seqio_task)
+    self.masking = bool(getattr(cfg, "document_masking", False))
+    self.sep = describe(cfg).separator_id
+    self._restart(0)
+
+  def _restart(self, skip):
+    self._gen = _windows(**self._args)
+    self.batches = 0
+    for _ in range(skip):
+      next(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    from maxlm.data_pipelines.pipeline import make_batch  # pylint: disable=import-outside-toplevel
+    rows = np.stack([next(self._gen) for _ in range(self.batch_size)])
+    self.batches += 1
+    return make_batch(rows, self.sep, self.masking)
+
+  def close(self):
+    self._gen.close()
+
+  def get_state(self):
+    return {"version": 1, "fingerprint": self.fingerprint, "batches": self.batches}
+
+  def set_state(self, state):
+    if state.get("fingerprint") != self.fingerprint:
+      raise DataError("the saved data-iterator state belongs to a different seqio setup; restore the settings "
+                      "it was saved with or start the data stream afresh.")
+    self._restart(int(state["batches"]))
+
+
+def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
+  return SeqioIterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count, fingerprint=fingerprint)
+
+
+def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, process_count):
+  from maxlm.data_pipelines.pipeline import make_batch  # pylint: disable=import-outside-toplevel
+  info = describe(cfg)
+  masking = bool(getattr(cfg, "document_masking", False))
+  gen = _windows(cfg, seq_len=seq_len, split="validation", shuffle=False, seed=0, process_index=process_index,
+                 process_count=process_count)
+  batches = []
+  for _ in range(num_batches):
+    rows = [w for _, w in zip(range(batch_size), gen)]
+    if len(rows) < batch_size:
+      break
+    batches.append(make_batch(np.stack(rows), info.separator_id, masking))
+  return {cfg.seqio_task: batches}
+
+
+def describe(cfg):
+  from maxlm.data_pipelines.pipeline import SourceInfo  # pylint: disable=import-outside-toplevel
+  _, task = _task(cfg)
+  vocab = _vocabulary(task)
+  sep = vocab.eos_id if vocab.eos_id is not None else 0
+  return SourceInfo(vocab.vocab_size, [cfg.seqio_task], None, None, sep, lambda ids: vocab.decode(list(ids)))
