@@ -3,6 +3,6 @@
 Owns `fused_loss` (the trainer's entry) and its implementations: blockwise JAX, Pallas GPU and TPU.
 """
 
-from maxlm.kernels.fused_loss import IMPLS, fused_loss, resolve_impl
+from maxlm.kernels.fused_loss import IMPLS, PALLAS_AUTO_PLATFORMS, fused_loss, resolve_impl
 
-__all__ = ["IMPLS", "fused_loss", "resolve_impl"]
+__all__ = ["IMPLS", "PALLAS_AUTO_PLATFORMS", "fused_loss", "resolve_impl"]

@@ -186,8 +186,8 @@ def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
 
 
 def local_labels(labels_N, ignore_index, vocab_axis, v_local):
-  """Labels as column indices of this vocabulary shard; -1 where ignored (and, sharded, where owned elsewhere
-  only in the sense that the index falls outside [0, v_local))."""
+  """Labels as column indices into this vocabulary shard; -1 where ignored. Sharded, a label owned by
+  another shard falls outside [0, v_local) and so matches no column here."""
   offset = 0 if vocab_axis is None else lax.axis_index(vocab_axis) * v_local
   return jnp.where(labels_N != ignore_index, labels_N - offset, -1).astype(jnp.int32)
 

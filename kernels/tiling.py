@@ -1,6 +1,6 @@
 """The tiling plan every fused-loss implementation shares: block sizes, chunk counts and tail handling.
 
-Tiles walk tokens (N) and vocabulary (V); a tail that does not fill a block is masked, never padded by copy.
+Blockwise clamps its last tile and masks the overlap (no copies); Pallas pads operands to whole tiles.
 """
 
 from __future__ import annotations
@@ -66,3 +66,7 @@ def make_plan(n_tokens: int, vocab: int, *, block_tokens: int | None = None,
     raise ConfigError(f"fused_loss: need at least one token and one vocabulary entry, got N={n_tokens}, V={vocab}")
   return TilePlan(n_tokens=n_tokens, vocab=vocab, block_tokens=min(block_tokens, n_tokens),
                   block_vocab=min(block_vocab, vocab))
+
+
+def next_power_of_2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())

@@ -86,7 +86,7 @@ def _key_name(k) -> str:
   return str(k)
 
 
-def _flat(tree) -> dict[str, Any]:
+def flat_tree(tree) -> dict[str, Any]:
   """{'params/layers/q_proj': leaf}: optax namedtuples and orbax's dict form of them flatten to the same keys."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
@@ -111,6 +111,15 @@ def describe_mismatch(expected: dict[str, Any], found: dict[str, Any], limit: in
     problems.append("shape mismatch: " + "; ".join(shapes[:limit])
                     + (f" (+{len(shapes) - limit} more)" if len(shapes) > limit else ""))
   return problems
+
+
+def _save_args(state: dict) -> Any:
+  """One storage chunk per layer for stacked `layers` arrays (params and optimizer moments alike), so export and
+  analysis tools read a single layer without pulling every layer of that weight from disk."""
+  def args(path, leaf):
+    stacked = any(_key_name(k) == "layers" for k in path) and getattr(leaf, "ndim", 0) >= 2
+    return ocp.SaveArgs(shard_axes=(0,)) if stacked else ocp.SaveArgs()
+  return jax.tree_util.tree_map_with_path(args, state)
 
 
 # ----------------------------------------------------------------------------- the run's checkpointer
@@ -154,7 +163,7 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def _check_step(self, step: Optional[int]) -> int:
+  def resolve_step(self, step: Optional[int]) -> int:
     steps = self.steps()
     if not steps:
       partial = interrupted_saves(self.directory)
@@ -167,21 +176,25 @@ class Checkpointer:
                             f"available steps: {', '.join(map(str, steps))}")
     return step
 
-  def metadata(self, step: int) -> tuple[dict[str, Any], dict]:
-    """(flat {key: ArrayMetadata} of the saved state, meta item) of a finalised step."""
+  def state_metadata(self, step: int) -> Any:
+    """orbax's TreeMetadata of a finalised step's state (`.tree`: ArrayMetadata with name, shape, dtype, storage);
+    a CheckpointError when the step is partial or corrupt."""
     step_dir = os.path.join(self.directory, str(step))
     for item in ("state", "config"):
       if not os.path.isdir(os.path.join(step_dir, item)):
         raise CheckpointError(f"checkpoint {step_dir} is incomplete: its '{item}' item is missing; "
                               f"restore another step (available: {', '.join(map(str, self.steps()))})")
     try:
-      md = self._manager.item_metadata(step)
-      tree = md["state"].tree if md["state"] is not None else None
+      md = self._manager.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
-    if tree is None:
+    if md is None or getattr(md, "tree", None) is None:
       raise self._unreadable(step, "no readable state metadata")
-    return _flat(tree), self._read_json(step, "meta") or {}
+    return md
+
+  def metadata(self, step: int) -> tuple[dict[str, Any], dict]:
+    """(flat {key: ArrayMetadata} of the saved state, meta item) of a finalised step."""
+    return flat_tree(self.state_metadata(step).tree), self._read_json(step, "meta") or {}
 
   def _unreadable(self, step: int, cause: Any) -> CheckpointError:
     why = f"{type(cause).__name__}: {str(cause)[:300]}" if isinstance(cause, BaseException) else str(cause)
@@ -200,7 +213,7 @@ class Checkpointer:
     return out[item]
 
   def config(self, step: Optional[int] = None) -> Config:
-    step = self._check_step(step)
+    step = self.resolve_step(step)
     data = self._read_json(step, "config")
     if data is None:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} has no saved config")
@@ -225,7 +238,7 @@ class Checkpointer:
     meta = {"format": FORMAT, "kind": kind, "step": step, "maxlm_version": __version__,
             "items": sorted(state)}
     args = ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
+        state=ocp.args.PyTreeSave(state, save_args=_save_args(state)),
         data_state=ocp.args.JsonSave({"data_state": _to_json(data_state)}),
         config=ocp.args.JsonSave(config.to_dict()),
         meta=ocp.args.JsonSave(meta))
@@ -248,9 +261,9 @@ class Checkpointer:
 
     The shardings may belong to a different mesh or device count than the one that saved.
     """
-    step = self._check_step(step)
+    step = self.resolve_step(step)
     found, meta = self.metadata(step)
-    expected = _flat(abstract_state)
+    expected = flat_tree(abstract_state)
     problems = describe_mismatch(expected, found)
     if problems:
       hint = ""
@@ -270,9 +283,8 @@ class Checkpointer:
 
   def restore_subtree(self, keys: tuple[str, ...], step: Optional[int] = None) -> dict:
     """Restores only the top-level entries `keys` of the saved state (those present) as host numpy arrays."""
-    step = self._check_step(step)
-    found, _ = self.metadata(step)
-    md = self._manager.item_metadata(step)["state"].tree
+    step = self.resolve_step(step)
+    md = self.state_metadata(step).tree
     sub = {k: md[k] for k in keys if k in md}
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
     restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
@@ -281,7 +293,6 @@ class Checkpointer:
           item=item, restore_args=restore_args, partial_restore=True)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
-    del found
     return out["state"]
 
   def __enter__(self):
@@ -295,7 +306,7 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- params only
 
 
-def _reader(path: str) -> Checkpointer:
+def open_checkpoints(path: str) -> Checkpointer:
   directory = checkpoint_dir(path)
   if not os.path.exists(os.path.abspath(os.path.expanduser(path))):
     raise CheckpointError(f"checkpoint path {path!r} does not exist; pass a run directory holding "
@@ -311,9 +322,9 @@ def load_params(path: str, step: Optional[int] = None) -> tuple[Config, dict, di
 
   Reads only the params and extras, never the optimizer state.
   """
-  ckpt = _reader(path)
+  ckpt = open_checkpoints(path)
   try:
-    step = ckpt._check_step(step)  # pylint: disable=protected-access
+    step = ckpt.resolve_step(step)
     cfg = ckpt.config(step)
     state = ckpt.restore_subtree(("params",) + EXTRA_KEYS, step)
   finally:

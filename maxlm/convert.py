@@ -188,12 +188,11 @@ class CheckpointTensors:
   so export holds one tensor in host memory rather than the model."""
 
   def __init__(self, run_dir: str, step: Optional[int] = None):
-    ckpt = checkpoint._reader(run_dir)  # pylint: disable=protected-access
+    ckpt = checkpoint.open_checkpoints(run_dir)
     try:
-      self.step = ckpt._check_step(step)  # pylint: disable=protected-access
+      self.step = ckpt.resolve_step(step)
       self.config = ckpt.config(self.step)
-      ckpt.metadata(self.step)  # raises CheckpointError on a corrupt or partial step
-      md = ckpt._manager.item_metadata(self.step)["state"]  # pylint: disable=protected-access
+      md = ckpt.state_metadata(self.step)  # a CheckpointError on a corrupt or partial step
     finally:
       ckpt.close()
     if "params" not in md.tree:
@@ -403,8 +402,8 @@ def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtyp
   st_dtype, np_name = DTYPES[dtype]
   out_dtype = _np_dtype(np_name)
   expected_shapes = _expected_shapes(cfg)
-  problems = checkpoint.describe_mismatch(checkpoint._flat(expected_shapes),  # pylint: disable=protected-access
-                                          checkpoint._flat(source.shapes))  # pylint: disable=protected-access
+  problems = checkpoint.describe_mismatch(checkpoint.flat_tree(expected_shapes),
+                                          checkpoint.flat_tree(source.shapes))
   if problems:
     raise ConversionError(f"checkpoint step {source.step} of {checkpoint_path} does not match its saved config: "
                           + "; ".join(problems))

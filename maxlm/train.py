@@ -212,7 +212,7 @@ def make_train_step(setup: Setup):
                  out_shardings=(setup.state_shardings, sharding.replicated(mesh)), donate_argnums=0), batch_shardings
 
 
-def make_eval_step(setup: Setup):
+def make_eval_step(setup: Setup, batch_shardings: dict):
   """Sum of token CE and token count over a batch, with the reference-free fused path."""
   from maxlm.kernels import fused_loss
 
@@ -229,7 +229,8 @@ def make_eval_step(setup: Setup):
                               mesh=mesh if mesh.size > 1 else None, ignore_index=cfg.loss.ignore_index)
     return metrics["ce"] * metrics["n_valid"], metrics["n_valid"]
 
-  return jax.jit(step, in_shardings=(setup.state_shardings["params"], None), out_shardings=sharding.replicated(mesh))
+  return jax.jit(step, in_shardings=(setup.state_shardings["params"], batch_shardings),
+                 out_shardings=sharding.replicated(mesh))
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -327,12 +328,13 @@ def _host_metrics(device_metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
 
 
-def evaluate(setup: Setup, eval_step, params, eval_batches: dict) -> dict[str, float]:
+def evaluate(setup: Setup, eval_step, params, eval_batches: dict, keys) -> dict[str, float]:
+  """Per-domain mean CE over the validation batches, plus their uniform average and the worst domain."""
   results = {}
   for domain, batches in eval_batches.items():
     total, count = 0.0, 0.0
     for b in batches:
-      s, n = eval_step(params, sharding.global_batch(setup.mesh, b))
+      s, n = eval_step(params, sharding.global_batch(setup.mesh, {k: b[k] for k in keys}))
       total, count = total + float(s), count + float(n)
     results[f"eval/{domain}"] = total / max(count, 1.0)
   if results:
@@ -405,7 +407,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
   eval_batches = data_pipelines.build_eval_batches(
       cfg.data, seq_len=cfg.train.seq_len, batch_size=per_process, num_batches=cfg.run.eval_batches,
       process_index=jax.process_index(), process_count=jax.process_count()) if cfg.run.eval_batches > 0 else {}
-  eval_step = make_eval_step(setup) if eval_batches else None
+  eval_step = make_eval_step(setup, batch_shardings) if eval_batches else None
 
   logger = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, is_primary=primary)
   logger.truncate_after(start_step)
@@ -463,7 +465,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
       if progress is not None:
         progress.update(1)
       if eval_step is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.train.steps:
-        evals[step] = evaluate(setup, eval_step, state["params"], eval_batches)
+        evals[step] = evaluate(setup, eval_step, state["params"], eval_batches, batch_shardings)
         logger.log(step, evals[step])
       if checkpointer is not None and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
         checkpointer.save(step, state, data_state=data_it.get_state(), config=cfg)
@@ -475,7 +477,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
     if checkpointer is not None and step > start_step and step != last_saved:
       checkpointer.save(step, state, data_state=data_it.get_state(), config=cfg, force=True)
   if not preempted and eval_step is not None:
-    evals[step] = evaluate(setup, eval_step, state["params"], eval_batches)
+    evals[step] = evaluate(setup, eval_step, state["params"], eval_batches, batch_shardings)
     logger.log(step, evals[step])
   if checkpointer is not None:
     checkpointer.wait()

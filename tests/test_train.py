@@ -88,3 +88,14 @@ def test_weight_decay_skips_norms():
   mask = train.weight_decay_mask({"embed": np.zeros((4, 2)), "final_norm": np.zeros(2),
                                   "layers": {"attn_norm": np.zeros((2, 2)), "q_proj": np.zeros((2, 2, 2))}})
   assert mask == {"embed": True, "final_norm": False, "layers": {"attn_norm": False, "q_proj": True}}
+
+
+def test_bf16_compute_tracks_fp32(tiny_overrides):
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 384, size=(8, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  common = tiny_overrides + ["loss.objective=mile", "model.init_std=0.1"]
+  loss32, p32 = _one_step(common + ["model.compute_dtype=float32"], batch)
+  loss16, p16 = _one_step(common + ["model.compute_dtype=bfloat16"], batch)
+  assert np.isfinite(loss16) and abs(loss16 - loss32) < 2e-2 * abs(loss32)
+  assert all(a.dtype == np.float32 for a in jax.tree.leaves(p16))  # parameters stay fp32 under bf16 compute

@@ -1,0 +1,198 @@
+"""What the Pallas GPU and TPU fused-loss kernels share: padding to the tile plan, tile math, the custom VJP.
+
+Owns the per-tile online-softmax update and dz formula (the same algebra as blockwise) and the glue around kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal
+
+from maxlm.kernels import blockwise
+
+F32 = jnp.float32
+STATE_KEYS = ("m", "l", "a", "b", "zy")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static description of one fused-loss kernel launch (a custom_vjp nondiff argument)."""
+  backend: str  # "gpu" | "tpu"
+  block_tokens: int
+  block_vocab: int
+  block_d: int  # contraction chunk: the (bt, d) x (d, bv) tile matmul runs as d / block_d steps
+  ignore_index: int
+  vocab_axis: Any
+  interpret: Any  # False, or the interpret flag/params pallas_call takes
+
+
+def dot(a, b, dims, precision=None):
+  return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def tile_state_update(state, z_TxC, col_ok_1xC, hit_TxC, s_TxC):
+  """One tile of the online softmax: state arrays are (bt, 1); the same algebra as blockwise._forward."""
+  m_old, l_old, a_old, b_old, zy_old = state
+  z_masked = jnp.where(col_ok_1xC, z_TxC, -jnp.inf)
+  m_new = jnp.maximum(m_old, jnp.max(z_masked, axis=1, keepdims=True))
+  e_TxC = jnp.exp(z_masked - m_new)
+  scale = jnp.exp(m_old - m_new)
+  shift = jnp.where(l_old > 0, m_old - m_new, 0.0)  # m_old = -inf before the first tile
+  l_new = scale * l_old + jnp.sum(e_TxC, axis=1, keepdims=True)
+  a_new = scale * (a_old + shift * l_old) + jnp.sum(e_TxC * (z_TxC - m_new), axis=1, keepdims=True)
+  b_new = b_old if s_TxC is None else scale * b_old + jnp.sum(e_TxC * s_TxC, axis=1, keepdims=True)
+  zy_new = zy_old + jnp.sum(jnp.where(hit_TxC, z_TxC, 0.0), axis=1, keepdims=True)
+  return m_new, l_new, a_new, b_new, zy_new
+
+
+def tile_dz(z_TxC, col_ok_1xC, hit_TxC, s_TxC, lse_Tx1, coef_p_Tx1, coef_y_Tx1, g_h_Tx1, g_emo_Tx1):
+  """dL/dz on one tile: p * (coef_p - g_H z - g_emo s) + onehot(y) * coef_y (blockwise.backward_coefficients)."""
+  p_TxC = jnp.where(col_ok_1xC, jnp.exp(z_TxC - lse_Tx1), 0.0)
+  coef_TxC = coef_p_Tx1
+  if g_h_Tx1 is not None:
+    coef_TxC = coef_TxC - g_h_Tx1 * z_TxC
+  if g_emo_Tx1 is not None:
+    coef_TxC = coef_TxC - g_emo_Tx1 * s_TxC
+  return p_TxC * coef_TxC + jnp.where(hit_TxC, coef_y_Tx1, 0.0)
+
+
+def unit_rows(e_RxE):
+  e_RxE = e_RxE.astype(F32)
+  return e_RxE / jnp.maximum(jnp.sqrt(jnp.sum(e_RxE * e_RxE, axis=-1, keepdims=True)), jnp.finfo(F32).tiny)
+
+
+def _pad_to(x, axis, multiple):
+  pad = (-x.shape[axis]) % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+@dataclasses.dataclass
+class Padded:
+  """Operands padded to whole tiles (zeros; padded labels are -1, padded columns masked by v_valid)."""
+  hidden_NxD: jax.Array
+  w_DxV: jax.Array
+  labels_Nx1: jax.Array  # local column of the label, -1 where ignored or on another shard
+  ey_NxE: jax.Array | None  # unit cost embedding of each label (EMO only)
+  cost_VxE: jax.Array | None  # raw cost rows; kernels normalise each tile
+  n: int
+  v_valid: int
+
+
+def pad_operands(cfg: KernelConfig, hidden_NxD, w_DxV, labels_N, cost_VxE) -> Padded:
+  n, v_local = hidden_NxD.shape[0], w_DxV.shape[1]
+  local_N = blockwise.local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
+  ey_NxE = None
+  if cost_VxE is not None:
+    # The label's cost row is gathered once per call ((N, dE), not per tile as in blockwise): a
+    # gather inside a kernel is not portable across Triton and Mosaic.
+    owned_N = (local_N >= 0) & (local_N < v_local)
+    rows_NxE = jnp.where(owned_N[:, None], cost_VxE[jnp.clip(local_N, 0, v_local - 1)].astype(F32), 0.0)
+    if cfg.vocab_axis is not None:
+      rows_NxE = lax.psum(rows_NxE, cfg.vocab_axis)
+    ey_NxE = _pad_to(_pad_to(unit_rows(rows_NxE), 0, cfg.block_tokens), 1, 128)
+    cost_VxE = _pad_to(_pad_to(cost_VxE, 0, cfg.block_vocab), 1, 128)
+  # Padding the head copies it; choose block_vocab dividing V (32000 = 250 x 128) to avoid that.
+  hidden_NxD = _pad_to(_pad_to(hidden_NxD, 0, cfg.block_tokens), 1, cfg.block_d)
+  w_DxV = _pad_to(_pad_to(w_DxV, 0, cfg.block_d), 1, cfg.block_vocab)
+  labels_Nx1 = _pad_to(local_N + 1, 0, cfg.block_tokens)[:, None] - 1
+  return Padded(hidden_NxD, w_DxV, labels_Nx1, ey_NxE, cost_VxE, n, v_local)
+
+
+# A backend supplies forward(cfg, padded) -> (m, l, a, b, zy) each (N_pad, 1) fp32, and
+# backward(cfg, padded, lse, coef_p, coef_y, g_h, g_emo) -> (d hidden (N_pad, D_pad) fp32, d w (D_pad, V_pad) fp32).
+Backend = tuple[Callable[..., Any], Callable[..., Any]]
+
+
+def make_stats(backend_impl: Backend):
+  """token_stats with a custom VJP whose forward and backward are the backend's kernels."""
+  forward_kernel, backward_kernel = backend_impl
+
+  def forward(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE):
+    padded = pad_operands(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)
+    raw = forward_kernel(cfg, padded)
+    state = {k: x[:padded.n, 0] for k, x in zip(STATE_KEYS, raw)}
+    valid_N = labels_N != cfg.ignore_index
+    stats, (lse_N, mean_z_N, sum_ps_N) = blockwise.finalize_stats(state, valid_N, cfg.vocab_axis,
+                                                                   cost_VxE is not None)
+    return stats, (hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, stats["p_y"])
+
+  def backward(cfg, residuals, cts):
+    hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, p_y_N = residuals
+    valid_N = labels_N != cfg.ignore_index
+    coef_p, coef_y, g_h, g_emo = blockwise.backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N)
+    padded = pad_operands(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE if g_emo is not None else None)
+    col = lambda x: None if x is None else _pad_to(x, 0, cfg.block_tokens)[:, None]
+    dh_NxD, dw_DxV = backward_kernel(cfg, padded, col(lse_N), col(coef_p), col(coef_y), col(g_h), col(g_emo))
+    n, d = hidden_NxD.shape
+    dh_NxD = dh_NxD[:n, :d].astype(hidden_NxD.dtype)
+    dw_DxV = dw_DxV[:d, :w_DxV.shape[1]].astype(w_DxV.dtype)
+    d_cost = None if cost_VxE is None else jnp.zeros_like(cost_VxE)
+    return dh_NxD, dw_DxV, np.zeros(labels_N.shape, jax.dtypes.float0), d_cost
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def stats(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE):
+    return forward(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)[0]
+
+  def stats_fwd(cfg, *args):
+    args = jax.tree.map(lambda x: x.value, args, is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+    return forward(cfg, *args)
+
+  stats.defvjp(stats_fwd, backward, symbolic_zeros=True)
+  return stats
+
+
+def stats_fn(platform: str, *, block_tokens=None, block_vocab=None, interpret=None):
+  """token_stats through the Pallas kernel for `platform`, or the one `interpret` ("gpu"/"tpu") emulates.
+
+  Raises ConfigError where no kernel exists: Pallas never falls back to another implementation.
+  """
+  from maxlm.errors import ConfigError
+  if interpret in (None, False):
+    if platform not in ("gpu", "tpu"):
+      raise ConfigError(
+        f"fused_loss impl='pallas' has kernels for gpu and tpu, not {platform!r}: use impl='blockwise' (or 'auto'),"
+        " or interpret='gpu'/'tpu' to emulate a kernel (slow; for tests)")
+    kernel, interpret_arg = platform, False
+  elif interpret in ("gpu", "tpu"):
+    kernel = interpret
+    interpret_arg = True
+    if kernel == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      interpret_arg = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+  else:
+    raise ConfigError(f"fused_loss interpret must be None, 'gpu' or 'tpu', got {interpret!r}")
+  if kernel == "gpu":
+    from maxlm.kernels import pallas_gpu as module
+  else:
+    from maxlm.kernels import pallas_tpu as module
+
+  def stats(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, vocab_axis):
+    cfg = KernelConfig(backend=kernel, ignore_index=ignore_index, vocab_axis=vocab_axis, interpret=interpret_arg,
+                       **module.blocks(hidden_NxD.shape, w_DxV.shape, block_tokens, block_vocab))
+    if cost_VxE is not None:
+      cost_VxE = lax.stop_gradient(cost_VxE)
+    return module.stats(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)
+
+  return stats
+
+
+def out_struct(shape, dtype, *like):
+  """ShapeDtypeStruct for a kernel output; inside shard_map it varies over the mesh axes its inputs vary over."""
+  vma = blockwise._vma(*like)
+  if not vma:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  aval = jax.typeof(blockwise._varying(jnp.zeros((), dtype), vma))
+  if getattr(aval, "manual_axis_type", None) is not None:  # jax 0.10+
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
+  return jax.ShapeDtypeStruct(shape, dtype, vma=vma)

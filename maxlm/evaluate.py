@@ -1,0 +1,328 @@
+"""Evaluation of a checkpoint: loss and perplexity in JAX (per domain) on a token store, text/JSONL file or the
+run's own held-out data, and lm-evaluation-harness on the exported HF model (cached per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from maxlm import checkpoint
+from maxlm.config import Config
+from maxlm.errors import DataError, MaxlmError
+
+IGNORE = -100
+DEFAULT_DOMAIN = "all"
+
+
+# ----------------------------------------------------------------------------- tokenizer and text files
+
+
+def run_encoder(cfg: Config) -> tuple[Callable[[list[str]], list[list[int]]], int]:
+  """(encode_batch, separator id) of the tokenizer a run trained with; a DataError when none is known."""
+  from maxlm.convert import _run_tokenizer  # pylint: disable=import-outside-toplevel
+  kind, what = _run_tokenizer(cfg)
+  if kind == "file":
+    from maxlm.data_pipelines.tokenization import TextTokenizer  # pylint: disable=import-outside-toplevel
+    tok = TextTokenizer(what)
+    return tok.encode_batch, tok.separator_id
+  if kind == "tokenizer":  # the PCFG's word-level vocabulary
+    from maxlm.data_pipelines.pcfg import load_grammar  # pylint: disable=import-outside-toplevel
+    grammar = load_grammar(cfg.data.grammar)
+    return (lambda texts: [grammar.encode(t) for t in texts]), grammar.separator_id
+  raise DataError(f"cannot tokenize text for this checkpoint: {what}. Set data.tokenizer in the run's config "
+                  "or evaluate on a token store instead")
+
+
+def _field(record: dict, dotted: str) -> Any:
+  for part in dotted.split("."):
+    if not isinstance(record, dict) or part not in record:
+      return None
+    record = record[part]
+  return record
+
+
+def read_documents(path: str, *, text_field: str = "text", domain_field: str = "") -> dict[str, list[str]]:
+  """{domain: [document]} of a JSONL file (one record per line; domain from a field path such as
+  meta.pile_set_name, else 'all') or a plain text file (one document per line). .gz allowed."""
+  opener = gzip.open if path.endswith(".gz") else open
+  name = path[:-3] if path.endswith(".gz") else path
+  docs: dict[str, list[str]] = {}
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      if name.endswith((".jsonl", ".json")):
+        for i, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+          except ValueError as e:
+            raise DataError(f"{path}:{i} is not a JSON record: {e}") from None
+          text = _field(record, text_field) if isinstance(record, dict) else None
+          if not isinstance(text, str):
+            raise DataError(f"{path}:{i} has no string field {text_field!r}; pass --text-field")
+          fields = [domain_field] if domain_field else ["domain", "meta.pile_set_name"]
+          domain = next((str(d) for d in (_field(record, k) for k in fields) if d is not None), DEFAULT_DOMAIN)
+          docs.setdefault(domain, []).append(text)
+      else:
+        docs[DEFAULT_DOMAIN] = [line.rstrip("\n") for line in f if line.strip()]
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e}") from None
+  if not docs:
+    raise DataError(f"{path} holds no documents")
+  return docs
+
+
+def text_batches(docs: dict[str, list[str]], encode, separator_id: int, *, seq_len: int, batch_size: int,
+                 num_batches: int) -> dict[str, list[dict]]:
+  """Per domain: documents joined with the separator, cut into windows of seq_len + 1 with stride seq_len, so
+  every token after the first is a target exactly once; padding targets are ignored."""
+  from maxlm.data_pipelines import make_batch  # pylint: disable=import-outside-toplevel
+  out = {}
+  for domain, texts in sorted(docs.items()):
+    stream = []
+    for ids in encode(texts):
+      stream.extend(ids)
+      stream.append(separator_id)
+    tokens = np.asarray(stream, np.int32)
+    n_windows = max(-(-(len(tokens) - 1) // seq_len), 0)
+    batches = []
+    for first in range(0, n_windows, batch_size):
+      if num_batches and len(batches) >= num_batches:
+        break
+      rows = np.full((batch_size, seq_len + 1), separator_id, np.int32)
+      valid = np.zeros(batch_size, np.int64)
+      for r, w in enumerate(range(first, min(first + batch_size, n_windows))):
+        window = tokens[w * seq_len:w * seq_len + seq_len + 1]
+        rows[r, :len(window)] = window
+        valid[r] = len(window)
+      batches.append(make_batch(rows, separator_id, False, valid_tokens=valid))
+    if batches:
+      out[domain] = batches
+  return out
+
+
+# ----------------------------------------------------------------------------- loss in JAX
+
+
+def make_loss_fn(cfg: Config, compute_dtype: str):
+  """jit(params, batch) -> (sum of token CE, valid token count), never materialising the (N, V) logits."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from maxlm import model as model_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.kernels import fused_loss  # pylint: disable=import-outside-toplevel
+
+  graphdef = model_lib.abstract_model(cfg.model)[0]
+  dtype = jnp.dtype(compute_dtype)
+
+  def loss(params, batch):
+    decoder = model_lib.bind(graphdef, params)
+    hidden = decoder(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"), compute_dtype=dtype)
+    B, T, D = hidden.shape
+    _, metrics = fused_loss(hidden.reshape(B * T, D), decoder.head().astype(dtype), batch["targets"].reshape(-1),
+                            objective="ce", impl=cfg.loss.impl, ignore_index=IGNORE)
+    return metrics["ce"] * metrics["n_valid"], metrics["n_valid"]
+
+  return jax.jit(loss)
+
+
+def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, compute_dtype: str) -> dict:
+  """{'domains': {d: {loss, perplexity, tokens}}, 'uniform_avg', 'worst', 'token_weighted'} in nats/token."""
+  import jax  # pylint: disable=import-outside-toplevel
+  params = jax.device_put(params)
+  loss_fn = make_loss_fn(cfg, compute_dtype)
+  domains = {}
+  for domain, domain_batches in batches.items():
+    total, count = 0.0, 0.0
+    for batch in domain_batches:
+      s, n = loss_fn(params, {k: np.asarray(v) for k, v in batch.items()})
+      total, count = total + float(s), count + float(n)
+    if count:
+      mean = total / count
+      domains[domain] = {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count)}
+  if not domains:
+    raise DataError("the evaluation data produced no target tokens (too short for one window?)")
+  losses = [d["loss"] for d in domains.values()]
+  weighted = sum(d["loss"] * d["tokens"] for d in domains.values()) / sum(d["tokens"] for d in domains.values())
+  return {"domains": domains,
+          "uniform_avg": {"loss": float(np.mean(losses)), "perplexity": math.exp(min(np.mean(losses), 700.0))},
+          "worst": {"domain": max(domains, key=lambda d: domains[d]["loss"]), "loss": max(losses)},
+          "token_weighted": {"loss": weighted, "perplexity": math.exp(min(weighted, 700.0))}}
+
+
+def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional[int] = None,
+             seq_len: Optional[int] = None, batch_size: int = 8, num_batches: int = 0,
+             compute_dtype: Optional[str] = None, text_field: str = "text", domain_field: str = "",
+             output: Optional[str] = None, log=print) -> dict:
+  """Loss and perplexity of a checkpoint on `data`: a token store directory, a .jsonl/.txt file, or (None) the
+  run's own held-out data. num_batches 0 = all of a file / 64 batches of a store. Writes and returns the JSON."""
+  ckpt = checkpoint.open_checkpoints(checkpoint_path)
+  try:
+    step = ckpt.resolve_step(step)
+  finally:
+    ckpt.close()
+  cfg, params, _ = checkpoint.load_params(checkpoint_path, step)
+  seq_len = seq_len or cfg.train.seq_len
+  if seq_len > cfg.model.max_positions:
+    raise DataError(f"--seq-len {seq_len} exceeds the model's max_positions {cfg.model.max_positions}")
+  t0 = time.perf_counter()
+  if data and os.path.isfile(data):
+    encode, sep = run_encoder(cfg)
+    docs = read_documents(data, text_field=text_field, domain_field=domain_field)
+    batches = text_batches(docs, encode, sep, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
+  else:
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    from maxlm import data_pipelines  # pylint: disable=import-outside-toplevel
+    data_cfg = cfg.data
+    if data:
+      if not os.path.isdir(data) and "://" not in data:
+        raise DataError(f"--data {data!r} does not exist: pass a token store directory or a .jsonl/.txt file")
+      data_cfg = dataclasses.replace(cfg.data, source="store", path=data)
+    batches = data_pipelines.build_eval_batches(data_cfg, seq_len=seq_len, batch_size=batch_size,
+                                                num_batches=num_batches or 64)
+  vocab_top = max((int(b["inputs"].max()) for bs in batches.values() for b in bs), default=0)
+  if vocab_top >= cfg.model.vocab_size:
+    raise DataError(f"the data holds token id {vocab_top} but the model's vocab_size is {cfg.model.vocab_size}: "
+                    "it was tokenized with another tokenizer")
+  report = loss_report(cfg, params, batches, compute_dtype=compute_dtype or cfg.model.compute_dtype)
+  report.update(checkpoint=os.path.abspath(checkpoint_path), step=step,
+                data=os.path.abspath(data) if data else f"run data ({cfg.data.source})",
+                seq_len=seq_len, seconds=time.perf_counter() - t0)
+  if output is None:
+    tag = os.path.basename(os.path.normpath(data)).split(".")[0] if data else "run_data"
+    output = os.path.join(os.path.dirname(checkpoint.checkpoint_dir(checkpoint_path)), "eval",
+                          f"loss_step{step}_{tag}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w") as f:
+    json.dump(report, f, indent=2)
+  for domain, r in sorted(report["domains"].items()):
+    log(f"{domain:>24s}  loss {r['loss']:.4f}  ppl {r['perplexity']:10.3f}  ({r['tokens']:,} tokens)")
+  log(f"{'uniform avg':>24s}  loss {report['uniform_avg']['loss']:.4f}  ppl "
+      f"{report['uniform_avg']['perplexity']:10.3f}   worst: {report['worst']['domain']}")
+  log(f"wrote {output}")
+  report["output"] = output
+  return report
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def export_cached(checkpoint_path: str, step: Optional[int] = None, *, dtype: str = "float32", log=print) -> str:
+  """The HF export of a step under RUN_DIR/hf/step_N, written once (atomically) and reused afterwards."""
+  from maxlm import convert  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint.open_checkpoints(checkpoint_path)
+  try:
+    step = ckpt.resolve_step(step)
+  finally:
+    ckpt.close()
+  run_dir = os.path.dirname(checkpoint.checkpoint_dir(checkpoint_path))
+  out = os.path.join(run_dir, "hf", f"step_{step}_{dtype}")
+  marker = os.path.join(out, "maxlm_export.json")
+  if os.path.isfile(marker):
+    log(f"using the cached export {out}")
+    return out
+  return convert.to_hf(checkpoint_path, out, step=step, dtype=dtype, overwrite=True, log=log)
+
+
+def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = None, num_fewshot: Optional[int] = None,
+            limit: Optional[float] = None, batch_size: int = 1, device: str = "cpu", dtype: str = "float32",
+            include_path: Optional[str] = None, output: Optional[str] = None, log=print) -> dict:
+  """Runs lm-evaluation-harness (model 'hf') on the exported checkpoint; saves the results JSON in the run dir."""
+  try:
+    import lm_eval  # pylint: disable=import-outside-toplevel
+    from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise MaxlmError("lm-evaluation-harness is not installed: pip install 'maxlm[eval]'") from None
+  hf_dir = export_cached(checkpoint_path, step, dtype=dtype, log=log)
+  with open(os.path.join(hf_dir, "maxlm_export.json")) as f:
+    step = json.load(f)["step"]
+  if not any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    raise MaxlmError(f"the export {hf_dir} has no tokenizer (the run names none); set data.tokenizer in the "
+                     "run's config so the harness can tokenize its tasks")
+  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  unknown = [t for t in tasks if t not in manager.all_tasks]
+  if unknown:
+    raise MaxlmError(f"unknown lm-eval task(s) {', '.join(unknown)}; pass --include-path DIR for local YAML tasks")
+  results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": hf_dir, "dtype": dtype},
+                                    tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, device=device,
+                                    limit=limit, task_manager=manager, log_samples=False)
+  if results is None:  # non-primary ranks of a distributed harness run
+    return {}
+  summary = {"checkpoint": os.path.abspath(checkpoint_path), "step": step, "hf_dir": hf_dir, "tasks": tasks,
+             "num_fewshot": num_fewshot, "limit": limit, "results": results.get("results", {}),
+             "versions": results.get("versions", {}), "n-samples": results.get("n-samples", {}),
+             "config": results.get("config", {})}
+  if output is None:
+    output = os.path.join(os.path.dirname(hf_dir.rstrip("/")), "..", "eval",
+                          f"harness_step{step}_{'_'.join(tasks)}.json")
+    output = os.path.normpath(output)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  with open(output, "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  for task, metrics in summary["results"].items():
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    log(f"{task}: {shown}")
+  log(f"wrote {output}")
+  summary["output"] = output
+  return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "harness":
+    p = argparse.ArgumentParser(prog="python -m maxlm.evaluate harness",
+                                description="lm-evaluation-harness on the exported checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv[1:])
+    run = lambda: harness(args.checkpoint, [t for t in args.tasks.split(",") if t], step=args.step,  # noqa: E731
+                          num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                          device=args.device, dtype=args.dtype, include_path=args.include_path, output=args.output)
+  else:
+    p = argparse.ArgumentParser(prog="python -m maxlm.evaluate",
+                                description="loss and perplexity of a checkpoint (or: `harness --help`)")
+    p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
+    p.add_argument("--data", default=None, help="token store dir or .jsonl/.txt file (default: the run's data)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-batches", type=int, default=0, help="per domain; 0 = a whole file / 64 store batches")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--domain-field", default="", help="JSONL field path of the domain (default: domain, "
+                                                     "meta.pile_set_name)")
+    p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/...)")
+    args = p.parse_args(argv)
+    run = lambda: evaluate(args.checkpoint, args.data, step=args.step, seq_len=args.seq_len,  # noqa: E731
+                           batch_size=args.batch_size, num_batches=args.num_batches,
+                           compute_dtype=args.compute_dtype, text_field=args.text_field,
+                           domain_field=args.domain_field, output=args.output)
+  try:
+    run()
+  except MaxlmError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
