@@ -18,12 +18,14 @@ import time
 def child_peak_rss(cmd: list[str]) -> tuple[float, float, str]:
   """(seconds, peak RSS in MiB, output) of a command run in a fresh process."""
   t0 = time.perf_counter()
-  # The child reports its own peak: ru_maxrss of RUSAGE_CHILDREN would mix in earlier children.
-  code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+  # The child reports its own VmHWM: Linux carries ru_maxrss over fork+exec, so getrusage would report the
+  # parent's peak (this script's, after it generated the checkpoint) instead of the converter's.
+  code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
           "rc = 0\n"
           "try:\n  runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
           "except SystemExit as e:\n  rc = e.code or 0\n"
-          "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+          "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+          "print('PEAK_RSS_KB', hwm); sys.exit(rc)")
   out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
   seconds = time.perf_counter() - t0
   if out.returncode != 0:
@@ -60,11 +62,21 @@ def main() -> None:
   p.add_argument("--workdir", default="/tmp/maxlm_convert_bench")
   p.add_argument("--from-hf", action="store_true", help="also time the import of the export (holds the model)")
   p.add_argument("--keep", action="store_true", help="keep the checkpoint and export afterwards")
+  p.add_argument("--reuse", action="store_true", help="reuse a checkpoint kept in --workdir by --keep")
   args = p.parse_args()
   run_dir, hf_dir = os.path.join(args.workdir, "run"), os.path.join(args.workdir, "hf")
-  shutil.rmtree(args.workdir, ignore_errors=True)
-  os.makedirs(args.workdir)
-  info = make_checkpoint(args.config, run_dir)
+  info_path = os.path.join(args.workdir, "checkpoint_info.json")
+  if args.reuse and os.path.isfile(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    for d in (hf_dir, os.path.join(args.workdir, "imported")):
+      shutil.rmtree(d, ignore_errors=True)
+  else:
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    info = make_checkpoint(args.config, run_dir)
+    with open(info_path, "w") as f:
+      json.dump(info, f)
   # What importing jax, tensorstore, orbax and maxlm costs before any tensor is read.
   _, baseline_mib, _ = child_peak_rss(["maxlm.convert", "--help"])
   seconds, peak_mib, _ = child_peak_rss(["maxlm.convert", "to-hf", "--checkpoint", run_dir, "--output", hf_dir,

@@ -156,7 +156,9 @@ class Checkpointer:
 
   def steps(self) -> list[int]:
     """Finalised steps, oldest first (saves still in flight or interrupted are not listed)."""
-    self._manager.reload()
+    in_flight = getattr(self._manager, "is_saving_in_progress", lambda: False)()
+    if not in_flight:  # pick up steps written by other processes (a trainer, while evaluation reads)
+      self._manager.reload()
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:

@@ -52,6 +52,9 @@ def atomic_output(output: str, *, overwrite: bool = False) -> Iterator[str]:
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the final directory
   try:
     yield tmp
     old = None

@@ -9,6 +9,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from maxlm.errors import ConversionError
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "olmo": "OlmoForCausalLM"}
 FAMILIES = {arch: family for family, arch in ARCHITECTURES.items()}
 
@@ -63,7 +65,7 @@ def tensors(param_shapes: dict) -> list[Tensor]:
   unknown = set(layers) - set(LAYER)
   unknown |= set(param_shapes) - set(TOP) - {"layers"}
   if unknown:
-    raise KeyError(f"parameters without an HF name: {sorted(unknown)}")
+    raise ConversionError(f"parameters without an HF name: {sorted(unknown)}; extend maxlm/hf_names.py")
   for i in range(num_layers):
     for name, hf in LAYER.items():
       if name in layers:

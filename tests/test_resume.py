@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from maxlm import checkpoint, train
 from maxlm.config import load_config
@@ -72,6 +73,7 @@ def test_sigterm_saves_and_exits_0_then_resumes(tmp_path):
     assert resumed["losses"][s] == straight["losses"][s]
 
 
+@pytest.mark.slow  # two training runs around a conversion: ~25-35 s
 def test_init_from_a_from_hf_import(tmp_path):
   """convert from-hf output starts a new run through checkpoint.init_from (params only, fresh optimizer)."""
   from maxlm import convert  # pylint: disable=import-outside-toplevel
