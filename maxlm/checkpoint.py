@@ -6,7 +6,9 @@ Also the params-only checkpoints that `convert from-hf` writes and that conversi
 from __future__ import annotations
 
 import base64
+import json
 import os
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -125,6 +127,19 @@ def _save_args(state: dict) -> Any:
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
+def _gather_across_processes(value: Any) -> list:
+  """Every process's JSON-able `value`, in process order (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:blob.size] = blob
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(bytes(gathered[i, :lengths[i]]).decode()) for i in range(len(lengths))]
+
+
 class Checkpointer:
   """Saves and restores a run's state with orbax: async, keep-last-N plus every K-th, atomic per step."""
 
@@ -241,7 +256,7 @@ class Checkpointer:
             "items": sorted(state)}
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state, save_args=_save_args(state)),
-        data_state=ocp.args.JsonSave({"data_state": _to_json(data_state)}),
+        data_state=ocp.args.JsonSave({"per_process": _gather_across_processes(_to_json(data_state))}),
         config=ocp.args.JsonSave(config.to_dict()),
         meta=ocp.args.JsonSave(meta))
     try:
@@ -280,8 +295,20 @@ class Checkpointer:
           state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
+    return out["state"], self._process_data_state(step)
+
+  def _process_data_state(self, step: int) -> Optional[dict]:
+    """This process's data-iterator state at `step` (each process saved its own)."""
     data = self._read_json(step, "data_state")
-    return out["state"], _from_json(data["data_state"]) if data else None
+    if not data:
+      return None
+    states = data["per_process"] if "per_process" in data else [data.get("data_state")]
+    if len(states) != jax.process_count():
+      warnings.warn(f"checkpoint step {step} in {self.directory} was written by {len(states)} processes and this run "
+                    f"has {jax.process_count()}: the data order cannot continue exactly, so the data iterators "
+                    f"restart from train.seed (documents before the checkpoint may be seen again)")
+      return None
+    return _from_json(states[jax.process_index()])
 
   def restore_subtree(self, keys: tuple[str, ...], step: Optional[int] = None) -> dict:
     """Restores only the top-level entries `keys` of the saved state (those present) as host numpy arrays."""
