@@ -310,13 +310,23 @@ class Checkpointer:
       return None
     return _from_json(states[jax.process_index()])
 
-  def restore_subtree(self, keys: tuple[str, ...], step: Optional[int] = None) -> dict:
-    """Restores only the top-level entries `keys` of the saved state (those present) as host numpy arrays."""
+  def restore_subtree(self, keys: tuple[str, ...], step: Optional[int] = None,
+                      shardings: Optional[dict] = None) -> dict:
+    """Restores only the top-level entries `keys` of the saved state (those present).
+
+    Without `shardings`: host numpy arrays. With `shardings` ({key: tree of NamedSharding}): each process reads
+    only the shards its devices hold, so a 7B import never sits whole on one host.
+    """
     step = self.resolve_step(step)
     md = self.state_metadata(step).tree
-    sub = {k: md[k] for k in keys if k in md}
-    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
-    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
+    sub = {k: md[k] for k in keys if k in md and (shardings is None or k in shardings)}
+    if shardings is None:
+      item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
+      restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
+    else:
+      item = {k: jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), sub[k], shardings[k])
+              for k in sub}
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True)))
@@ -346,16 +356,27 @@ def open_checkpoints(path: str) -> Checkpointer:
   return Checkpointer(path, CheckpointConfig(async_save=False), read_only=True)
 
 
-def load_params(path: str, step: Optional[int] = None) -> tuple[Config, dict, dict]:
-  """(resolved config, params as host numpy arrays, extras such as {'cost_embedding': (V, dE)}) of a run dir.
+def load_params(path: str, step: Optional[int] = None, *,
+                abstract: Optional[dict] = None) -> tuple[Config, dict, dict]:
+  """(resolved config, params, extras such as {'cost_embedding': (V, dE)}) of a run dir.
 
-  Reads only the params and extras, never the optimizer state.
+  Reads only the params and extras, never the optimizer state. `abstract` ({"params": tree, optionally
+  "cost_embedding": leaf} of ShapeDtypeStructs with shardings) checks shapes against the caller's model and
+  restores sharded device arrays; without it, host numpy arrays.
   """
   ckpt = open_checkpoints(path)
   try:
     step = ckpt.resolve_step(step)
     cfg = ckpt.config(step)
-    state = ckpt.restore_subtree(("params",) + EXTRA_KEYS, step)
+    shardings = None
+    if abstract is not None:
+      found = flat_tree({k: v for k, v in ckpt.state_metadata(step).tree.items() if k == "params"})
+      problems = describe_mismatch(flat_tree({"params": abstract["params"]}), found)
+      if problems:
+        raise CheckpointError(f"{path} (step {step}) does not fit this model: " + "; ".join(problems)
+                              + ". Make the model section match the checkpoint's config.yaml.")
+      shardings = {k: jax.tree.map(lambda a: a.sharding, v) for k, v in abstract.items()}
+    state = ckpt.restore_subtree(("params",) + EXTRA_KEYS, step, shardings=shardings)
   finally:
     ckpt.close()
   if "params" not in state:

@@ -302,13 +302,26 @@ def dry_run_report(cfg: Config, num_devices: int) -> str:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps, so the run can save and exit cleanly."""
+  """Turns SIGTERM into a flag the loop checks between steps, so the run can save and exit cleanly.
+
+  Under jax.distributed every process must stop after the same step (the save is collective), so JAX's
+  preemption service, which catches SIGTERM itself, agrees on that step; a Python handler would hide the signal.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._synced = jax.process_count() > 1 and jax.distributed.is_initialized()
+
+  def stop_after(self, step: int) -> bool:
+    if self._synced:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
+    if self._synced:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no handler, nothing to restore
@@ -383,13 +396,19 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
   else:
     state = init_state(setup)
     if cfg.checkpoint.init_from:
-      _, params, extras = load_params(cfg.checkpoint.init_from)
-      state["params"] = jax.device_put(params, setup.state_shardings["params"])
-      state["opt_state"] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(state["params"])
-      if "cost_embedding" in state:
-        snapshot = extras.get("cost_embedding", _head(cfg, params).T)
-        state["cost_embedding"] = jax.device_put(np.asarray(snapshot, np.float32),
-                                                 setup.state_shardings["cost_embedding"])
+      wanted = {"params": setup.abstract_state["params"]}
+      if uses_cost_embedding_state(cfg) and cfg.loss.cost_embedding == "fixed":
+        wanted["cost_embedding"] = setup.abstract_state["cost_embedding"]
+      _, params, extras = load_params(cfg.checkpoint.init_from, abstract=wanted)
+      state["params"] = params
+      state["opt_state"] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
+      if "cost_embedding" in state and cfg.loss.cost_embedding == "fixed":
+        # EMO's fixed cost embedding: the imported snapshot, else a snapshot of the imported head.
+        snapshot = extras.get("cost_embedding")
+        if snapshot is None:
+          snapshot = jax.jit(lambda p: _head(cfg, p).T.astype(jnp.float32),
+                             out_shardings=setup.state_shardings["cost_embedding"])(params)
+        state["cost_embedding"] = snapshot
       say(f"maxlm: initialised from {cfg.checkpoint.init_from}")
 
   # Compile ahead of time so an out-of-memory configuration fails in seconds, before data starts flowing.
@@ -452,7 +471,7 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
   with _Preemption() as preemption:
     step = start_step
     while step < cfg.train.steps:
-      if preemption.requested:
+      if preemption.stop_after(step):
         preempted = True
         break
       local = next(data_it)

@@ -92,3 +92,21 @@ def test_init_from_a_from_hf_import(tmp_path):
 def _leaves(tree):
   import jax  # pylint: disable=import-outside-toplevel
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_init_from_rejects_a_model_of_another_shape(tmp_path):
+  """A checkpoint whose shapes differ from the configured model fails before training, naming the mismatch."""
+  from maxlm.errors import CheckpointError
+  run(tmp_path / "small", 1)
+  with pytest.raises(CheckpointError, match=r"does not fit this model.*shape mismatch"):
+    run(tmp_path / "wide", 1, f"checkpoint.init_from={tmp_path / 'small'}", "model.ffn=96")
+
+
+def test_init_from_an_emo_run_keeps_the_fixed_cost_embedding_sharded(tmp_path):
+  """EMO with a fixed cost embedding started from a checkpoint takes a snapshot of the imported head."""
+  import numpy as np
+  from maxlm.checkpoint import load_params
+  first = run(tmp_path / "base", 2)
+  summary = run(tmp_path / "emo", 1, f"checkpoint.init_from={tmp_path / 'base'}", "loss.objective=emo")
+  _, params, _ = load_params(str(tmp_path / "base"))
+  np.testing.assert_array_equal(np.asarray(summary["state"]["cost_embedding"]), np.asarray(params["lm_head"]).T)
