@@ -38,7 +38,8 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
   compiled = step_fn.lower(setup.abstract_state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                                                   for k, v in batch.items()}).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, batch)  # warm-up step
+  for _ in range(3):  # warm-up steps
+    state, m = compiled(state, batch)
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for _ in range(steps):

@@ -26,8 +26,10 @@ if [[ "${1:-}" == "--stop" ]]; then
 fi
 
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
-  archive="$(mktemp -d)/maxlm-src.tgz"
-  tar -czf "$archive" -C "$ROOT" --exclude=.git --exclude=runs --exclude='*.egg-info' --exclude=.venv --exclude=.pytest_cache .
+  tmp="$(mktemp -d)" && trap 'rm -rf "$tmp"' EXIT
+  archive="$tmp/maxlm-src.tgz"
+  tar -czf "$archive" -C "$ROOT" --exclude=.git --exclude=runs --exclude='*.egg-info' --exclude=.venv \
+    --exclude=.pytest_cache .
   tpu scp "$archive" "$TPU_NAME:maxlm-src.tgz"
   tpu ssh "$TPU_NAME" --command="set -e; rm -rf ~/maxlm && mkdir -p ~/maxlm && tar -xzf ~/maxlm-src.tgz -C ~/maxlm \
     && $PYTHON -m pip install -q '$JAX_SPEC' -e ~/maxlm"
