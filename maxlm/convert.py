@@ -19,7 +19,7 @@ import numpy as np
 
 from maxlm import checkpoint, hf_names
 from maxlm.config import Config, finalize, load_config
-from maxlm.errors import CheckpointError, ConversionError, MaxlmError
+from maxlm.errors import CheckpointError, ConversionError, MaxlmError, cli_exit_code
 
 DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", "bfloat16"), "float16": ("F16", np.float16)}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64,
@@ -531,18 +531,16 @@ def main(argv: Optional[list[str]] = None) -> int:
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. loss.objective=emo")
   args = parser.parse_args(argv)
-  try:
+
+  def body():
     if args.command == "to-hf":
       to_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
             max_shard_bytes=args.shard_size_mb * 2 ** 20)
     else:
       from_hf(args.model, args.output, config=args.config, overrides=tuple(args.overrides),
               overwrite=args.overwrite)
-  except MaxlmError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
 
+  return cli_exit_code(body)
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maxlm.errors import MaxlmError
+from maxlm.errors import cli_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   from maxlm import data_pipelines  # pylint: disable=import-outside-toplevel
-  try:
+
+  def body():
     if args.command == "prepare":
       data_pipelines.prepare(args.input, args.tokenizer, args.output, text_key=args.text_key,
                              domain_key=args.domain_key, default_domain=args.default_domain,
@@ -46,11 +47,8 @@ def main(argv=None) -> int:
                              separator=args.separator, keep_parts=args.keep_parts, progress=not args.quiet)
     else:
       print(data_pipelines.inspect_store(args.store, sample_tokens=args.sample_tokens))
-  except MaxlmError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
 
+  return cli_exit_code(body)
 
 if __name__ == "__main__":
   sys.exit(main())

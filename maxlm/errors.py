@@ -1,7 +1,10 @@
 """User-facing errors: every mistake a user can make raises one of these, with the fix in its message.
 
-CLIs catch MaxlmError, print the message without a traceback and exit non-zero.
+CLIs run their body through `cli_exit_code`: a MaxlmError prints its message without a traceback, exit code 2.
 """
+
+import sys
+from typing import Any, Callable
 
 
 class MaxlmError(Exception):
@@ -26,3 +29,13 @@ class ConversionError(MaxlmError):
 
 class TrainingDivergedError(MaxlmError):
   """The loss or gradient became NaN/Inf."""
+
+
+def cli_exit_code(body: Callable[[], Any]) -> int:
+  """Runs a CLI's body: 0 when it returns, 2 (after printing the message, no traceback) on a MaxlmError."""
+  try:
+    body()
+  except MaxlmError as e:
+    print(f"maxlm: error: {e}", file=sys.stderr)
+    return 2
+  return 0

@@ -17,7 +17,7 @@ import numpy as np
 
 from maxlm import checkpoint
 from maxlm.config import Config
-from maxlm.errors import DataError, MaxlmError
+from maxlm.errors import DataError, MaxlmError, cli_exit_code
 
 IGNORE = -100
 DEFAULT_DOMAIN = "all"
@@ -316,12 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            batch_size=args.batch_size, num_batches=args.num_batches,
                            compute_dtype=args.compute_dtype, text_field=args.text_field,
                            domain_field=args.domain_field, output=args.output)
-  try:
-    run()
-  except MaxlmError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return cli_exit_code(run)
 
 
 if __name__ == "__main__":

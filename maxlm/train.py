@@ -23,7 +23,7 @@ import optax
 from maxlm import model as model_lib
 from maxlm import sharding
 from maxlm.config import Config, load_config, mesh_shape, save_config
-from maxlm.errors import ConfigError, MaxlmError, TrainingDivergedError
+from maxlm.errors import ConfigError, TrainingDivergedError, cli_exit_code
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPUs) use a measured matmul peak instead.
 PEAK_FLOPS = {
@@ -563,22 +563,18 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
+
+  def body():
     if args.distributed:
       jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                  process_id=args.process_id)
     if args.dry_run:
       n = args.devices or jax.device_count()
-      cfg = load_config(args.config, args.overrides, num_devices=n)
-      print(dry_run_report(cfg, n))
-      return 0
-    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
-    summary = train(cfg)
-    return 0
-  except MaxlmError as e:
-    print(f"maxlm: error: {e}", file=sys.stderr)
-    return 2
+      print(dry_run_report(load_config(args.config, args.overrides, num_devices=n), n))
+      return
+    train(load_config(args.config, args.overrides, num_devices=jax.device_count()))
 
+  return cli_exit_code(body)
 
 if __name__ == "__main__":
   sys.exit(main())

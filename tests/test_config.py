@@ -1,6 +1,5 @@
 """Config loading: presets, overrides, and errors that say what to change (in-process and through the CLI)."""
 
-import os
 import subprocess
 import sys
 

@@ -106,7 +106,7 @@ def test_init_from_an_emo_run_keeps_the_fixed_cost_embedding_sharded(tmp_path):
   """EMO with a fixed cost embedding started from a checkpoint takes a snapshot of the imported head."""
   import numpy as np
   from maxlm.checkpoint import load_params
-  first = run(tmp_path / "base", 2)
+  run(tmp_path / "base", 2)
   summary = run(tmp_path / "emo", 1, f"checkpoint.init_from={tmp_path / 'base'}", "loss.objective=emo")
   _, params, _ = load_params(str(tmp_path / "base"))
   np.testing.assert_array_equal(np.asarray(summary["state"]["cost_embedding"]), np.asarray(params["lm_head"]).T)

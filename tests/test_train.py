@@ -1,7 +1,6 @@
 """The training loop end to end on CPU: the demo learns, metrics are written, NaN stops the run,
 gradient accumulation equals the full batch."""
 
-import json
 import math
 import os
 
