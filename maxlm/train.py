@@ -276,6 +276,9 @@ def memory_estimate(cfg: Config, num_devices: int) -> dict[str, float]:
   activations = tokens * (d.layers * saved + layer_working)
   if cfg.loss.impl == "reference":
     activations += tokens * d.vocab / tensor * 4 * 3  # fp32 logits, softmax and their gradient
+  if uses_cost_embedding_state(cfg):  # EMO's frozen (V, dE) snapshot, sharded over the vocabulary only
+    dim = d.hidden if cfg.loss.cost_embedding == "fixed" else _file_embedding_shape(cfg)[1]
+    params += d.vocab * dim * 4 / tensor
   total = params + opt + grads + activations
   return {"params": params, "optimizer": opt, "gradients": grads, "activations": activations, "total": total,
           "param_count": n_params, "mesh": (data, fsdp, tensor), "tokens_per_device": tokens}
