@@ -5,6 +5,7 @@ Layer weights are stacked on a leading `layers` axis and run under `jax.lax.scan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -196,15 +197,7 @@ def _without_eager_sharding():
   # Flax >= 0.12 shards variables at creation when they carry partitioning metadata; maxlm places shards
   # itself (abstract init, then jit with out_shardings), so creation must not need a mesh.
   use = getattr(nnx, "use_eager_sharding", None)
-  return use(False) if use is not None else _NullContext()
-
-
-class _NullContext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
+  return use(False) if use is not None else contextlib.nullcontext()
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Decoder:

@@ -18,7 +18,7 @@ def _cfg(**extra):
   return load_config("demo", overrides).model
 
 
-def numpy_forward(cfg, params, tokens, segment_ids=None):
+def numpy_forward(cfg, params, tokens, segment_ids=None, coefficients=None):
   """LLaMA / OLMo forward in float64, written from the papers' equations, one layer at a time."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   d = model_lib.Dims.of(cfg)
@@ -62,7 +62,10 @@ def numpy_forward(cfg, params, tokens, segment_ids=None):
     x = x + o @ w["o_proj"]
     h = norm(x, w.get("mlp_norm"))
     g = h @ w["gate_proj"]
-    x = x + ((g / (1 + np.exp(-g))) * (h @ w["up_proj"])) @ w["down_proj"]
+    coeff = (g / (1 + np.exp(-g))) * (h @ w["up_proj"])
+    if coefficients is not None:
+      coefficients.append(coeff)
+    x = x + coeff @ w["down_proj"]
   x = norm(x, p.get("final_norm"))
   head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
   return x @ head
@@ -134,3 +137,17 @@ def test_weights_carry_logical_axes_for_every_dimension():
   for path, leaf in flat_a:
     spec = flat_s[path]
     assert len(spec) == leaf.ndim and all(a is not None for a in spec), (path, spec)
+
+
+def test_ffn_coefficients_are_the_down_projection_inputs():
+  """The per-layer |silu(gate) * up| that knowledge entropy sums (seed 002) comes out of the scanned forward."""
+  cfg = _cfg()
+  graphdef, _, _ = model_lib.abstract_model(cfg)
+  params = model_lib.init_params(cfg, seed=4)
+  tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 9))
+  _, coeffs = model_lib.bind(graphdef, params)(jnp.asarray(tokens), return_ffn_coefficients=True,
+                                                compute_dtype="float32")
+  want = []
+  numpy_forward(cfg, params, tokens, coefficients=want)
+  assert coeffs.shape == (cfg.layers, 2, 9, cfg.ffn)
+  np.testing.assert_allclose(np.asarray(coeffs), np.stack(want), rtol=2e-4, atol=2e-5)
