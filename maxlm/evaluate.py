@@ -116,19 +116,14 @@ def text_batches(docs: dict[str, list[str]], encode, separator_id: int, *, seq_l
 def make_loss_fn(cfg: Config, compute_dtype: str):
   """jit(params, batch) -> (sum of token CE, valid token count), never materialising the (N, V) logits."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from maxlm import model as model_lib  # pylint: disable=import-outside-toplevel
-  from maxlm.kernels import fused_loss  # pylint: disable=import-outside-toplevel
+  from maxlm.train import output_loss  # pylint: disable=import-outside-toplevel
 
   graphdef = model_lib.abstract_model(cfg.model)[0]
-  dtype = jnp.dtype(compute_dtype)
 
   def loss(params, batch):
-    decoder = model_lib.bind(graphdef, params)
-    hidden = decoder(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"), compute_dtype=dtype)
-    B, T, D = hidden.shape
-    _, metrics = fused_loss(hidden.reshape(B * T, D), decoder.head().astype(dtype), batch["targets"].reshape(-1),
-                            objective="ce", impl=cfg.loss.impl, ignore_index=IGNORE)
+    _, metrics = output_loss(cfg, graphdef, params, batch, objective="ce", compute_dtype=compute_dtype,
+                             ignore_index=IGNORE)
     return metrics["ce"] * metrics["n_valid"], metrics["n_valid"]
 
   return jax.jit(loss)

@@ -155,25 +155,34 @@ def _head(cfg: Config, params: dict) -> jax.Array:
   return params["embed"].T if cfg.model.tie_embeddings else params["lm_head"]
 
 
-def make_train_step(setup: Setup):
-  """The jitted step: microbatched value_and_grad through the fused loss, AdamW, explicit shardings, donation."""
+def output_loss(cfg: Config, graphdef, params: dict, batch: dict, *, objective: str, mesh=None,
+                cost_embedding=None, compute_dtype=None, **objective_kwargs):
+  """Decoder forward, then the fused output-head loss: (loss, metrics) of a batch without the (N, V) logits.
+
+  The one place the trainer, its validation and `maxlm.evaluate` turn a batch into a loss.
+  """
   from maxlm.kernels import fused_loss
 
+  dtype = jnp.dtype(compute_dtype or cfg.model.compute_dtype)
+  model = model_lib.bind(graphdef, params)
+  hidden_BxTxD = model(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"), compute_dtype=dtype)
+  B, T, D = hidden_BxTxD.shape
+  head_DxV = _head(cfg, params).astype(dtype)
+  if objective == "emo" and cost_embedding is None:  # adaptive: the current head, never trained by EMO
+    cost_embedding = jax.lax.stop_gradient(head_DxV.T)
+  return fused_loss(hidden_BxTxD.reshape(B * T, D), head_DxV, batch["targets"].reshape(B * T), objective=objective,
+                    impl=cfg.loss.impl, cost_embedding=cost_embedding,
+                    mesh=mesh if mesh is not None and mesh.size > 1 else None, **objective_kwargs)
+
+
+def make_train_step(setup: Setup):
+  """The jitted step: microbatched value_and_grad through the fused loss, AdamW, explicit shardings, donation."""
   cfg, mesh = setup.cfg, setup.mesh
   kwargs = loss_kwargs(cfg)
-  dtype = jnp.dtype(cfg.model.compute_dtype)
-  loss_mesh = mesh if mesh.size > 1 else None
 
   def loss_fn(params, cost_embedding, batch):
-    model = model_lib.bind(setup.graphdef, params)
-    hidden_BxTxD = model(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"), compute_dtype=dtype)
-    B, T, D = hidden_BxTxD.shape
-    head_DxV = _head(cfg, params).astype(dtype)
-    if cfg.loss.objective == "emo" and cost_embedding is None:  # adaptive: the current head, never trained by EMO
-      cost_embedding = jax.lax.stop_gradient(head_DxV.T)
-    return fused_loss(hidden_BxTxD.reshape(B * T, D), head_DxV, batch["targets"].reshape(B * T),
-                      objective=cfg.loss.objective, impl=cfg.loss.impl, cost_embedding=cost_embedding,
-                      mesh=loss_mesh, **kwargs)
+    return output_loss(cfg, setup.graphdef, params, batch, objective=cfg.loss.objective, mesh=mesh,
+                       cost_embedding=cost_embedding, **kwargs)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n_micro = cfg.train.microbatches
@@ -213,20 +222,13 @@ def make_train_step(setup: Setup):
 
 
 def make_eval_step(setup: Setup, batch_shardings: dict):
-  """Sum of token CE and token count over a batch, with the reference-free fused path."""
-  from maxlm.kernels import fused_loss
-
+  """Sum of token CE and token count over a batch, through the fused loss."""
   cfg, mesh = setup.cfg, setup.mesh
-  dtype = jnp.dtype(cfg.model.compute_dtype)
 
   def step(params, batch):
     with sharding.activate(mesh):
-      model = model_lib.bind(setup.graphdef, params)
-      hidden = model(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"), compute_dtype=dtype)
-      B, T, D = hidden.shape
-      _, metrics = fused_loss(hidden.reshape(B * T, D), _head(cfg, params).astype(dtype),
-                              batch["targets"].reshape(B * T), objective="ce", impl=cfg.loss.impl,
-                              mesh=mesh if mesh.size > 1 else None, ignore_index=cfg.loss.ignore_index)
+      _, metrics = output_loss(cfg, setup.graphdef, params, batch, objective="ce", mesh=mesh,
+                               ignore_index=cfg.loss.ignore_index)
     return metrics["ce"] * metrics["n_valid"], metrics["n_valid"]
 
   return jax.jit(step, in_shardings=(setup.state_shardings["params"], batch_shardings),
