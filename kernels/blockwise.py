@@ -31,7 +31,8 @@ class StatsConfig:
   vocab_axis: Any = None
 
 
-def _dot(a, b, dims, precision=None):
+def dot(a, b, dims, precision=None):
+  """dot_general accumulating in fp32 (the kernels' one matmul)."""
   return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
 
 
@@ -85,17 +86,18 @@ def unit_rows(emb_RxE):
   return emb_RxE / jnp.maximum(norm_R, jnp.finfo(F32).tiny)
 
 
-def _label_embedding(cfg: StatsConfig, cost_VxE, local_labels_N):
-  """Unit cost embedding of each token's label, (N, dE); only used when the vocabulary is sharded.
+def label_embedding(cost_VxE, local_labels_N, vocab_axis):
+  """Unit cost embedding of each token's label, (N, dE).
 
-  The label's row lives on one vocabulary shard: every shard gathers what it owns and a psum
-  assembles it. On one device rows are gathered per token chunk inside the loop instead.
+  With a vocabulary sharded over `vocab_axis`, the label's row lives on one shard: every shard gathers what it
+  owns and a psum assembles it. (On one device blockwise gathers rows per token chunk inside the loop instead.)
   """
   v_local = cost_VxE.shape[0]
   owned_N = (local_labels_N >= 0) & (local_labels_N < v_local)
-  rows_NxE = cost_VxE[jnp.clip(local_labels_N, 0, v_local - 1)].astype(F32)
-  rows_NxE = jnp.where(owned_N[:, None], rows_NxE, 0.0)
-  return unit_rows(lax.psum(rows_NxE, cfg.vocab_axis))
+  rows_NxE = jnp.where(owned_N[:, None], cost_VxE[jnp.clip(local_labels_N, 0, v_local - 1)].astype(F32), 0.0)
+  if vocab_axis is not None:
+    rows_NxE = lax.psum(rows_NxE, vocab_axis)
+  return unit_rows(rows_NxE)
 
 
 class _Tile:
@@ -107,7 +109,7 @@ class _Tile:
     self.t0 = plan.token_start(i)
     self.v0 = plan.vocab_start(j)
     self.h_TxD = _slice(hidden_NxD, self.t0, bt, axis=0)
-    self.z_TxC = _dot(self.h_TxD, w_DxC, ((1,), (0,)))
+    self.z_TxC = dot(self.h_TxD, w_DxC, ((1,), (0,)))
     # The clamped last chunk overlaps its predecessor: only rows/columns past i*bt / j*bv are new.
     self.row_new_T = self.t0 + jnp.arange(bt) >= i * bt
     self.col_new_C = self.v0 + jnp.arange(bv) >= j * bv
@@ -121,7 +123,7 @@ class _Tile:
       else:
         ey_TxE = lax.dynamic_slice_in_dim(ey_NxE, self.t0, bt, axis=0)
       # HIGHEST as in the reference: the cost must not be blurred by TF32/bf16 passes.
-      self.s_TxC = _dot(ey_TxE, e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
+      self.s_TxC = dot(ey_TxE, e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
 
   def slice(self, x_N):
     return lax.dynamic_slice_in_dim(x_N, self.t0, self.h_TxD.shape[0])
@@ -149,7 +151,7 @@ def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
   local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
   ey_NxE = None
   if cost_VxE is not None and cfg.vocab_axis is not None:
-    ey_NxE = _label_embedding(cfg, cost_VxE, local_labels_N)
+    ey_NxE = label_embedding(cost_VxE, local_labels_N, cfg.vocab_axis)
 
   # Online per-token state, relative to the running max m: l = sum e^{z-m}, a = sum e^{z-m}(z-m)
   # (entropy without cancellation at 1e4-scale logits), b = sum e^{z-m} s, and z_y.
@@ -257,7 +259,7 @@ def _backward(cfg: StatsConfig, residuals, cts):
   local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
   ey_NxE = None
   if cost_VxE is not None and cfg.vocab_axis is not None:
-    ey_NxE = _label_embedding(cfg, cost_VxE, local_labels_N)
+    ey_NxE = label_embedding(cost_VxE, local_labels_N, cfg.vocab_axis)
 
   coef_p_N, coef_y_N, g_entropy, g_emo = backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N)
   g = {"entropy": g_entropy, "emo": g_emo}
@@ -282,9 +284,9 @@ def _backward(cfg: StatsConfig, residuals, cts):
       # Rows the clamped tail chunk shares with its predecessor were already counted.
       dz_TxC = jnp.where(tile.row_new_T[:, None], dz_TxC, 0.0).astype(hidden_NxD.dtype)
       dh_TxD = lax.dynamic_slice_in_dim(dh_NxD, tile.t0, plan.block_tokens, axis=0)
-      dh_TxD = dh_TxD + _dot(dz_TxC, w_DxC, ((1,), (1,)))
+      dh_TxD = dh_TxD + dot(dz_TxC, w_DxC, ((1,), (1,)))
       dh_NxD = lax.dynamic_update_slice_in_dim(dh_NxD, dh_TxD, tile.t0, axis=0)
-      return dh_NxD, dw_DxC + _dot(tile.h_TxD, dz_TxC, ((0,), (0,)))
+      return dh_NxD, dw_DxC + dot(tile.h_TxD, dz_TxC, ((0,), (0,)))
 
     dw_DxC = _varying(jnp.zeros((d, plan.block_vocab), F32), vma)
     dh_NxD, dw_DxC = lax.fori_loop(0, plan.token_chunks, token_body, (dh_NxD, dw_DxC))

@@ -54,15 +54,6 @@ def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret)
                                   interpret=interpret)
 
 
-def _pcast_varying(x, axes):
-  """Marks x as varying over `axes` inside shard_map, so autodiff psums its cotangent over them."""
-  if not axes:
-    return x
-  if hasattr(lax, "pcast"):  # jax >= 0.8
-    return lax.pcast(x, axes, to="varying")
-  return lax.pvary(x, axes)
-
-
 def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "auto", cost_embedding=None,
                mesh=None, block_tokens: int | None = None, block_vocab: int | None = None,
                interpret: Any = None, **objective_kwargs):
@@ -132,8 +123,8 @@ def _sharded(stats_fn, mesh, hidden, lm_head, labels, cost_embedding, objective,
   def local(hidden_NxD, w_DxV, labels_N, cost_VxE):
     # Tokens are replicated over the vocabulary shards and the head over the token shards: marking
     # them varying makes autodiff psum d hidden over tensor and d lm_head over data/fsdp.
-    hidden_NxD = _pcast_varying(hidden_NxD, vocab_axes)
-    w_DxV = _pcast_varying(w_DxV, token_axes)
+    hidden_NxD = blockwise._varying(hidden_NxD, frozenset(vocab_axes))
+    w_DxV = blockwise._varying(w_DxV, frozenset(token_axes))
     stats = stats_fn(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, voc)
     return losses.combine(objective, stats, psum_axes=token_axes or None, **combine_kwargs)
 

@@ -33,10 +33,6 @@ class KernelConfig:
   interpret: Any  # False, or the interpret flag/params pallas_call takes
 
 
-def dot(a, b, dims, precision=None):
-  return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
-
-
 def tile_state_update(state, z_TxC, col_ok_1xC, hit_TxC, s_TxC):
   """One tile of the online softmax: state arrays are (bt, 1); the same algebra as blockwise._forward."""
   m_old, l_old, a_old, b_old, zy_old = state
@@ -61,11 +57,6 @@ def tile_dz(z_TxC, col_ok_1xC, hit_TxC, s_TxC, lse_Tx1, coef_p_Tx1, coef_y_Tx1, 
   if g_emo_Tx1 is not None:
     coef_TxC = coef_TxC - g_emo_Tx1 * s_TxC
   return p_TxC * coef_TxC + jnp.where(hit_TxC, coef_y_Tx1, 0.0)
-
-
-def unit_rows(e_RxE):
-  e_RxE = e_RxE.astype(F32)
-  return e_RxE / jnp.maximum(jnp.sqrt(jnp.sum(e_RxE * e_RxE, axis=-1, keepdims=True)), jnp.finfo(F32).tiny)
 
 
 def _pad_to(x, axis, multiple):
@@ -96,11 +87,8 @@ def pad_operands(cfg: KernelConfig, hidden_NxD, w_DxV, labels_N, cost_VxE) -> Pa
   if cost_VxE is not None:
     # The label's cost row is gathered once per call ((N, dE), not per tile as in blockwise): a
     # gather inside a kernel is not portable across Triton and Mosaic.
-    owned_N = (local_N >= 0) & (local_N < v_local)
-    rows_NxE = jnp.where(owned_N[:, None], cost_VxE[jnp.clip(local_N, 0, v_local - 1)].astype(F32), 0.0)
-    if cfg.vocab_axis is not None:
-      rows_NxE = lax.psum(rows_NxE, cfg.vocab_axis)
-    ey_NxE = _pad_to(_pad_to(unit_rows(rows_NxE), 0, cfg.block_tokens), 1, 128)
+    ey_NxE = _pad_to(_pad_to(blockwise.label_embedding(cost_VxE, local_N, cfg.vocab_axis), 0, cfg.block_tokens),
+                     1, 128)
     cost_VxE = _pad_to(_pad_to(cost_VxE, 0, cfg.block_vocab), 1, 128)
   # Padding the head copies it; choose block_vocab dividing V (32000 = 250 x 128) to avoid that.
   hidden_NxD = _pad_to(_pad_to(hidden_NxD, 0, cfg.block_tokens), 1, cfg.block_d)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from maxlm.kernels import blockwise
 from maxlm.kernels import pallas_common as pc
 from maxlm.kernels import tiling
 
@@ -30,14 +31,14 @@ def _tile_logits(h_ref, w_ref, j, cfg, n_d):
   def body(k, acc):
     h_k = h_ref[:, pl.ds(k * bk, bk)]
     w_k = w_ref[pl.ds(k * bk, bk), pl.ds(j * bv, bv)]
-    return acc + pc.dot(h_k, w_k, ((1,), (0,)))
+    return acc + blockwise.dot(h_k, w_k, ((1,), (0,)))
 
   return lax.fori_loop(0, n_d, body, jnp.zeros((bt, bv), F32))
 
 
 def _similarity(ey_ref, cost_ref, j, cfg):
-  e_CxE = pc.unit_rows(cost_ref[pl.ds(j * cfg.block_vocab, cfg.block_vocab), :])
-  return pc.dot(ey_ref[...], e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
+  e_CxE = blockwise.unit_rows(cost_ref[pl.ds(j * cfg.block_vocab, cfg.block_vocab), :])
+  return blockwise.dot(ey_ref[...], e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
 
 
 def forward(cfg: pc.KernelConfig, padded: pc.Padded):
@@ -111,8 +112,8 @@ def backward(cfg: pc.KernelConfig, padded: pc.Padded, lse, coef_p, coef_y, g_h, 
     def add_chunk(k, carry):
       w_k = w_ref[pl.ds(k * bk, bk), pl.ds(j * bv, bv)]
       h_k = h_ref[:, pl.ds(k * bk, bk)]
-      plgpu.atomic_add(dh_ref, (pl.ds(i * bt, bt), pl.ds(k * bk, bk)), pc.dot(dz_TxC, w_k, ((1,), (1,))))
-      plgpu.atomic_add(dw_ref, (pl.ds(k * bk, bk), pl.ds(j * bv, bv)), pc.dot(h_k, dz_TxC, ((0,), (0,))))
+      plgpu.atomic_add(dh_ref, (pl.ds(i * bt, bt), pl.ds(k * bk, bk)), blockwise.dot(dz_TxC, w_k, ((1,), (1,))))
+      plgpu.atomic_add(dw_ref, (pl.ds(k * bk, bk), pl.ds(j * bv, bv)), blockwise.dot(h_k, dz_TxC, ((0,), (0,))))
       return carry
 
     lax.fori_loop(0, n_d, add_chunk, 0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from maxlm.kernels import blockwise
 from maxlm.kernels import pallas_common as pc
 from maxlm.kernels import tiling
 
@@ -36,12 +37,12 @@ def blocks(hidden_shape, w_shape, block_tokens=None, block_vocab=None):
 def _tile(cfg, padded, h_ref, w_ref, y_ref, ey_ref, cost_ref, j):
   """Logits, column mask, label hits and EMO similarities of the current (token block, vocab block j)."""
   bv = cfg.block_vocab
-  z_TxC = pc.dot(h_ref[...], w_ref[...], ((1,), (0,)))
+  z_TxC = blockwise.dot(h_ref[...], w_ref[...], ((1,), (0,)))
   cols_1xC = j * bv + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
   s_TxC = None
   if ey_ref is not None:
-    e_CxE = pc.unit_rows(cost_ref[...])
-    s_TxC = pc.dot(ey_ref[...], e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
+    e_CxE = blockwise.unit_rows(cost_ref[...])
+    s_TxC = blockwise.dot(ey_ref[...], e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
   return z_TxC, cols_1xC < padded.v_valid, cols_1xC == y_ref[...], s_TxC
 
 
@@ -138,10 +139,10 @@ def backward(cfg: pc.KernelConfig, padded: pc.Padded, lse, coef_p, coef_y, g_h, 
 
   # d hidden: grid (token block, vocab block), reducing over the vocabulary (axis 1).
   dh = run("dh", (n_pad // bt, v_pad // bv), 0, 1, pl.BlockSpec((bt, d_pad), lambda i, j: (i, 0)),
-           pc.out_struct((n_pad, d_pad), F32, *all_inputs), lambda h, w, dz: pc.dot(dz, w, ((1,), (1,))))
+           pc.out_struct((n_pad, d_pad), F32, *all_inputs), lambda h, w, dz: blockwise.dot(dz, w, ((1,), (1,))))
   # d w: grid (vocab block, token block), reducing over tokens (axis 1).
   dw = run("dw", (v_pad // bv, n_pad // bt), 1, 0, pl.BlockSpec((d_pad, bv), lambda j, i: (0, j)),
-           pc.out_struct((d_pad, v_pad), F32, *all_inputs), lambda h, w, dz: pc.dot(h, dz, ((0,), (0,))))
+           pc.out_struct((d_pad, v_pad), F32, *all_inputs), lambda h, w, dz: blockwise.dot(h, dz, ((0,), (0,))))
   return dh, dw
 
 
