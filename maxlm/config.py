@@ -367,6 +367,9 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
     raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
   if cfg.loss.objective == "emo" and cfg.loss.cost_embedding == "file" and not cfg.loss.cost_embedding_file:
     raise ConfigError("loss.cost_embedding = 'file' needs loss.cost_embedding_file = path/to/embedding.npy (V x dE)")
+  if cfg.loss.ignore_index != -100:
+    raise ConfigError(f"loss.ignore_index = {cfg.loss.ignore_index}: maxlm's data pipelines mark positions without a "
+                      f"target with -100, so the loss must ignore -100; remove the override")
   if cfg.loss.reduction == "reference" and cfg.loss.objective != "mile":
     raise ConfigError("loss.reduction = 'reference' applies to loss.objective = 'mile' only")
   if num_devices is not None:

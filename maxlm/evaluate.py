@@ -19,7 +19,6 @@ from maxlm import checkpoint
 from maxlm.config import Config
 from maxlm.errors import DataError, MaxlmError, cli_exit_code
 
-IGNORE = -100
 DEFAULT_DOMAIN = "all"
 
 
@@ -123,7 +122,7 @@ def make_loss_fn(cfg: Config, compute_dtype: str):
 
   def loss(params, batch):
     _, metrics = output_loss(cfg, graphdef, params, batch, objective="ce", compute_dtype=compute_dtype,
-                             ignore_index=IGNORE)
+                             ignore_index=cfg.loss.ignore_index)
     return metrics["ce"] * metrics["n_valid"], metrics["n_valid"]
 
   return jax.jit(loss)

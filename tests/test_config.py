@@ -44,6 +44,7 @@ def test_overrides_are_typed_and_applied():
     ("train.seq_len=4096", "exceeds model.max_positions"),
     ("model.heads=5", "not divisible by model.heads"),
     ("loss.reduction=reference", "applies to loss.objective = 'mile' only"),
+    ("loss.ignore_index=0", "mark positions without a target with -100"),
 ])
 def test_bad_values_name_the_problem(override, fragment):
   extra = ["loss.objective=ce"] if "reduction" in override else []
