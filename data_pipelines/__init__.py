@@ -8,6 +8,7 @@ from maxlm.data_pipelines.pipeline import SourceInfo
 from maxlm.data_pipelines.pipeline import build_eval_batches
 from maxlm.data_pipelines.pipeline import build_train_iterator
 from maxlm.data_pipelines.pipeline import describe
+from maxlm.data_pipelines.pipeline import eval_windows
 from maxlm.data_pipelines.pipeline import make_batch
 from maxlm.data_pipelines.pcfg import Grammar
 from maxlm.data_pipelines.pcfg import load_grammar
@@ -17,6 +18,6 @@ from maxlm.data_pipelines.prepare import prepare
 from maxlm.data_pipelines.token_store import TokenStore
 
 __all__ = [
-    "DataIterator", "SourceInfo", "build_eval_batches", "build_train_iterator", "describe", "make_batch",
+    "DataIterator", "SourceInfo", "build_eval_batches", "build_train_iterator", "describe", "eval_windows", "make_batch",
     "Grammar", "load_grammar", "parse_grammar", "inspect_store", "prepare", "TokenStore",
 ]

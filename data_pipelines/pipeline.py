@@ -337,7 +337,7 @@ def build_eval_batches(cfg, *, seq_len: int, batch_size: int, num_batches: int, 
     g = pcfg.load_grammar(getattr(cfg, "grammar", "builtin:demo"))
     need = num_batches * batch_size * process_count * seq_len + 1
     tokens = g.sample_stream(need, _PCFG_EVAL_SEED, _PCFG_EVAL_TAG)
-    return {"pcfg": _eval_domain(lambda s, e: tokens[s:e], need, seq_len, batch_size, num_batches,
+    return {"pcfg": eval_windows(lambda s, e: tokens[s:e], need, seq_len, batch_size, num_batches,
                                  process_index, process_count, g.separator_id, masking)}
   if source not in ("store", "replay"):
     raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay or seqio.")
@@ -347,12 +347,13 @@ def build_eval_batches(cfg, *, seq_len: int, batch_size: int, num_batches: int, 
     n = store.num_tokens(domain, "validation")
     if n >= 2:
       read = functools.partial(store.read, domain, "validation")
-      out[domain] = _eval_domain(read, n, seq_len, batch_size, num_batches, process_index, process_count,
+      out[domain] = eval_windows(read, n, seq_len, batch_size, num_batches, process_index, process_count,
                                  store.separator_id, masking)
   return out
 
 
-def _eval_domain(read, n_tokens, seq_len, batch_size, num_batches, process_index, process_count, sep, masking):
+def eval_windows(read, n_tokens, seq_len, batch_size, num_batches, process_index, process_count, sep, masking):
+  """Validation batches over one token stream (`read(start, stop)` -> tokens), this process's share of them."""
   # Windows of seq_len+1 with stride seq_len cover every held-out token as a target exactly once; the last one
   # may be short.
   n_windows = -(-(n_tokens - 1) // seq_len)

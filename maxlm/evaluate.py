@@ -81,10 +81,10 @@ def read_documents(path: str, *, text_field: str = "text", domain_field: str = "
 
 
 def text_batches(docs: dict[str, list[str]], encode, separator_id: int, *, seq_len: int, batch_size: int,
-                 num_batches: int) -> dict[str, list[dict]]:
-  """Per domain: documents joined with the separator, cut into windows of seq_len + 1 with stride seq_len, so
-  every token after the first is a target exactly once; padding targets are ignored."""
-  from maxlm.data_pipelines import make_batch  # pylint: disable=import-outside-toplevel
+                 num_batches: int, document_masking: bool = False) -> dict[str, list[dict]]:
+  """Per domain: documents joined with the separator, cut into the store's validation windows (every token after
+  the first a target exactly once; padding targets ignored). num_batches 0 = all."""
+  from maxlm.data_pipelines import eval_windows  # pylint: disable=import-outside-toplevel
   out = {}
   for domain, texts in sorted(docs.items()):
     stream = []
@@ -92,18 +92,8 @@ def text_batches(docs: dict[str, list[str]], encode, separator_id: int, *, seq_l
       stream.extend(ids)
       stream.append(separator_id)
     tokens = np.asarray(stream, np.int32)
-    n_windows = max(-(-(len(tokens) - 1) // seq_len), 0)
-    batches = []
-    for first in range(0, n_windows, batch_size):
-      if num_batches and len(batches) >= num_batches:
-        break
-      rows = np.full((batch_size, seq_len + 1), separator_id, np.int32)
-      valid = np.zeros(batch_size, np.int64)
-      for r, w in enumerate(range(first, min(first + batch_size, n_windows))):
-        window = tokens[w * seq_len:w * seq_len + seq_len + 1]
-        rows[r, :len(window)] = window
-        valid[r] = len(window)
-      batches.append(make_batch(rows, separator_id, False, valid_tokens=valid))
+    batches = eval_windows(lambda s, e: tokens[s:e], len(tokens), seq_len, batch_size, num_batches or sys.maxsize,
+                           0, 1, separator_id, document_masking)
     if batches:
       out[domain] = batches
   return out
@@ -171,7 +161,8 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
   if data and os.path.isfile(data):
     encode, sep = run_encoder(cfg)
     docs = read_documents(data, text_field=text_field, domain_field=domain_field)
-    batches = text_batches(docs, encode, sep, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
+    batches = text_batches(docs, encode, sep, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
+                           document_masking=cfg.data.document_masking)
   else:
     import dataclasses  # pylint: disable=import-outside-toplevel
     from maxlm import data_pipelines  # pylint: disable=import-outside-toplevel
