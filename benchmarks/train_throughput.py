@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from maxlm import model as model_lib
-from maxlm import sharding, train
+from maxlm import optim, plan, sharding, train
+from maxlm import state as state_lib
+from maxlm import step as step_lib
 from maxlm.config import load_config
 
 # A ~100M-parameter LLaMA (GPT-2-small width) used as the "mid-size" CPU point.
@@ -26,9 +28,9 @@ MID_100M = ["model.vocab_size=32000", "model.hidden=768", "model.layers=12", "mo
 
 def measure(config: str, overrides: list[str], steps: int) -> dict:
   cfg = load_config(config, overrides, num_devices=jax.device_count())
-  setup = train.build(cfg)
-  step_fn, batch_shardings = train.make_train_step(setup)
-  state = train.init_state(setup)
+  setup = state_lib.layout(cfg)
+  step_fn, batch_shardings = step_lib.make_train_step(setup)
+  state = state_lib.init_state(setup)
   rng = np.random.default_rng(0)
   B, T = cfg.train.global_batch, cfg.train.seq_len
   local = {"inputs": rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32),
@@ -48,9 +50,9 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
   step_s = (time.perf_counter() - t0) / steps
   tokens = B * T
   flops = model_lib.flops_per_token(cfg.model, T) * tokens
-  peak, source = train.peak_flops_per_device()
+  peak, source = plan.peak_flops_per_device()
   mem = compiled.memory_analysis()
-  est = train.memory_estimate(cfg, jax.device_count())
+  est = plan.memory_estimate(cfg, jax.device_count())
   return {"config": config, "params": setup.param_count, "tokens_per_step": tokens, "step_s": step_s,
           "tokens_per_sec": tokens / step_s, "mfu": flops / step_s / (peak * jax.device_count()),
           "peak": f"{peak / 1e9:.0f} GFLOP/s ({source})", "compile_s": compile_s,
@@ -66,7 +68,7 @@ def plans() -> list[dict]:
   for name in ("mile_468m", "mile_1b", "mile_7b"):
     for label, n, mesh in (("1x8", 8, ["mesh.data=1", "mesh.fsdp=8"]), ("16x8", 128, ["mesh.data=16", "mesh.fsdp=8"])):
       cfg = load_config(name, mesh, num_devices=n)
-      est = train.memory_estimate(cfg, n)
+      est = plan.memory_estimate(cfg, n)
       rows.append({"preset": name, "mesh": label, "param_count": est["param_count"],
                    **{k: round(est[k] / 2 ** 30, 2) for k in ("params", "optimizer", "gradients", "activations",
                                                             "total")}})

@@ -1,11 +1,28 @@
-"""Probabilistic context-free grammars (seed 003): the rule file format, vectorised sampling, a word tokenizer,
-exact sentence log-probabilities by the inside algorithm and the true per-token entropy rate of the token stream.
+"""Probabilistic context-free grammars (seed 003): two rule file formats, vectorised sampling, a word tokenizer,
+exact sentence and span inside probabilities and the true per-token entropy rate of the token stream.
 
-Rule format, one rule per line (`#` starts a comment):
-    LHS RHS p        unary: RHS is a terminal word, or a nonterminal (any symbol that appears as an LHS)
-    LHS B C p        binary: B and C are nonterminals or terminals
-The start symbol is the LHS of the first rule. Probabilities of one LHS are normalised to sum to 1 (or, with
-strict=True, must already do so). Token ids: 0 is the sentence separator `<eos>`, terminals follow in sorted order.
+Rule files, one rule per line, fields split on whitespace (`#` starts a comment; blank lines are skipped):
+  maxlm's format:
+    LHS RHS p        unary: RHS is a nonterminal if it appears as an LHS, else a terminal word
+    LHS B C p        binary: B and C are nonterminals or terminals (a terminal gets an implicit preterminal)
+    A rule given twice is an error.
+  IB's format (seed 003, Liuhong99/implicitbiasmlmcode pcfg/*.py, read exactly as its loader reads it):
+    LHS X p          unary (X a nonterminal) when LHS starts with 'S', else a terminal rule (X a word)
+    LHS B C p        binary: B and C are nonterminals
+    Duplicate lines are summed (IB's generator wrote some rules twice); `Grammar.merged_duplicates` counts the
+    lines merged, `Grammar.notes` says so. IB's grammars start with `S -> S1 | ... | Sn`, each Si one binary rule.
+Both: the start symbol is the LHS of the first rule; a zero probability switches a rule off; the probabilities
+of each LHS are normalised to sum to 1 (strict=True: they must already, within 1e-6).
+
+How a file's format is chosen, first match wins (`format=` of parse_grammar/load_grammar is "auto" by default):
+  1. `format="ib"` or `"maxlm"`, or a spec `ib:PATH` / `maxlm:PATH` for load_grammar (and so for data.grammar);
+  2. a header comment before the first rule: `# format: ib` or `# format: maxlm` (an explicit choice that
+     contradicts it is an error);
+  3. otherwise IB's format if the file has a duplicate rule (maxlm's format rejects those, so the file can only
+     be IB's), else maxlm's. The two readings differ only when a line is read differently (a non-'S' unary onto a
+     nonterminal, an 'S' line onto a word, a binary rule with a word): such a file needs step 1 or 2.
+Token ids: 0 is the sentence separator `<eos>`, the terminals follow in sorted order, and the last id is the
+unknown-word token `<unk>`, so any text tokenizes (ids of `<eos>` and the terminals do not move).
 """
 
 from __future__ import annotations
@@ -14,14 +31,20 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import logging
 import math
 import os
+import re
 
 import numpy as np
 
 from maxlm.errors import DataError
 
 SEPARATOR = "<eos>"
+UNKNOWN = "<unk>"
+FORMATS = ("maxlm", "ib")
+_FORMAT_HEADER = re.compile(r"#\s*format\s*:\s*(\S+)\s*$")
+_LOG = logging.getLogger(__name__)
 # Sentences sampled together; fixed so that a stream with more tokens extends one with fewer (prefix-stable).
 _CHUNK_SENTENCES = 16384
 _MAX_DEPTH = 100_000
@@ -33,6 +56,8 @@ class Rule:
   rhs: tuple[str, ...]
   prob: float
   line: int
+  # Per RHS symbol: True for a terminal word. None: by name, as in maxlm's format (a nonterminal is an LHS).
+  terminal: tuple[bool, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,23 +75,37 @@ class EntropyReport:
 class Grammar:
   """A parsed PCFG with dense tables for sampling (codes) and parsing (nonterminal indices)."""
 
-  def __init__(self, rules: list[Rule], *, name: str = "<grammar>"):
+  def __init__(self, rules: list[Rule], *, name: str = "<grammar>", fmt: str = "maxlm", notes=(),
+               merged_duplicates: int = 0):
     self.name = name
-    self.rules = rules
+    self.format = fmt
+    self.notes = list(notes)              # what loading changed in the file's rules, in words
+    self.merged_duplicates = merged_duplicates
     lhs_order = list(dict.fromkeys(r.lhs for r in rules))
     self.start = lhs_order[0]
-    symbols = {s for r in rules for s in r.rhs}
     self.nonterminals = lhs_order
-    self.terminals = sorted(symbols - set(lhs_order))
-    if SEPARATOR in set(self.terminals) | set(lhs_order):
-      raise DataError(f"{name}: the symbol {SEPARATOR} is reserved for the sentence separator; rename it.")
-    self.vocab = [SEPARATOR] + self.terminals
-    self.token_id = {w: i for i, w in enumerate(self.vocab)}
     self.nt_id = {a: i for i, a in enumerate(lhs_order)}
-    self.text_hash = hashlib.sha256(
-        "\n".join(f"{r.lhs} {' '.join(r.rhs)} {r.prob!r}" for r in rules).encode()).hexdigest()
+    self.rules = [self._resolve(r) for r in rules]
+    self.terminals = sorted({s for r in self.rules for s, t in zip(r.rhs, r.terminal) if t})
+    reserved = {SEPARATOR, UNKNOWN} & (set(self.terminals) | set(lhs_order))
+    if reserved:
+      raise DataError(f"{name}: the symbols {SEPARATOR} and {UNKNOWN} are reserved for the sentence separator and "
+                      f"the unknown word; rename {', '.join(sorted(reserved))}.")
+    self.vocab = [SEPARATOR] + self.terminals + [UNKNOWN]
+    self.token_id = {w: i for i, w in enumerate(self.vocab)}
+    self.text_hash = hashlib.sha256("\n".join(_rule_text(r, self.nt_id) for r in self.rules).encode()).hexdigest()
     self._build_tables()
     self._check_consistent()
+
+  def _resolve(self, r: Rule) -> Rule:
+    if r.terminal is None:
+      return dataclasses.replace(r, terminal=tuple(s not in self.nt_id for s in r.rhs))
+    for s, t in zip(r.rhs, r.terminal):
+      if not t and s not in self.nt_id:
+        raise DataError(f"{self.name}:{r.line}: nonterminal {s!r} (in {r.lhs} -> {' '.join(r.rhs)}) has no rules. In "
+                        "IB's format a 3-field line is unary only when its LHS starts with 'S' and binary rules name "
+                        "nonterminals; add rules for it, or mark the file '# format: maxlm' if it is a word.")
+    return r
 
   @property
   def vocab_size(self) -> int:
@@ -76,17 +115,22 @@ class Grammar:
   def separator_id(self) -> int:
     return 0
 
+  @property
+  def unknown_id(self) -> int:
+    return len(self.vocab) - 1
+
   def _build_tables(self):
     n, v = len(self.nonterminals), self.vocab_size
     # Sampling: a symbol code < v is a token id, code >= v is nonterminal (code - v). Rules of one LHS are
     # contiguous; cum_offset[r] = lhs + cumulative probability, so one searchsorted picks rules for all LHSs.
     order = sorted(range(len(self.rules)), key=lambda i: (self.nt_id[self.rules[i].lhs], i))
     rules = [self.rules[i] for i in order]
-    code = lambda s: self.token_id[s] if s in self.token_id else v + self.nt_id[s]
+    code = lambda s, term: self.token_id[s] if term else v + self.nt_id[s]
     self.rule_lhs = np.array([self.nt_id[r.lhs] for r in rules], np.int64)
     self.rule_prob = np.array([r.prob for r in rules], np.float64)
     self.rule_len = np.array([len(r.rhs) for r in rules], np.int64)
-    self.rule_rhs = np.array([[code(r.rhs[0]), code(r.rhs[-1])] for r in rules], np.int64)
+    self.rule_rhs = np.array([[code(r.rhs[0], r.terminal[0]), code(r.rhs[-1], r.terminal[-1])] for r in rules],
+                             np.int64)
     self.rule_logp = np.log(self.rule_prob)
     cum = np.empty(len(rules))
     for a in range(n):
@@ -106,14 +150,14 @@ class Grammar:
       a = self.nt_id[r.lhs]
       if len(r.rhs) == 1:
         s = r.rhs[0]
-        if s in self.nt_id:
+        if not r.terminal[0]:
           self.unary[a, self.nt_id[s]] += r.prob
         else:
           self.lex[a, self.token_id[s]] += r.prob
       else:
         kids = []
-        for s in r.rhs:
-          if s in self.nt_id:
+        for s, term in zip(r.rhs, r.terminal):
+          if not term:
             kids.append(self.nt_id[s])
           else:
             kids.append(n + extra_pre.setdefault(s, len(extra_pre)))
@@ -134,8 +178,9 @@ class Grammar:
     self.bin_left = np.array(bin_left, np.int64)
     self.bin_right = np.array(bin_right, np.int64)
     self.bin_p = np.array(bin_p, np.float64)
-    self.bin_onehot = np.zeros((len(bin_lhs), m))
-    self.bin_onehot[np.arange(len(bin_lhs)), self.bin_lhs] = 1.0
+    # Binary rules are sorted by LHS: a segment sum per LHS (reduceat) turns rule scores into LHS scores.
+    self.bin_starts = np.flatnonzero(np.r_[True, self.bin_lhs[1:] != self.bin_lhs[:-1]]) if bin_lhs else None
+    self.parse_size = m
     radius = np.max(np.abs(np.linalg.eigvals(unary))) if m else 0.0
     if radius >= 1.0 - 1e-12:
       raise DataError(f"{self.name}: unary rules form a cycle taken with probability 1 (e.g. A -> B, B -> A); "
@@ -152,8 +197,8 @@ class Grammar:
     for r in self._sorted_rules:
       a = self.nt_id[r.lhs]
       hrule[a] -= r.prob * math.log(r.prob)
-      for s in r.rhs:
-        if s in self.nt_id:
+      for s, term in zip(r.rhs, r.terminal):
+        if not term:
           mean[a, self.nt_id[s]] += r.prob
         else:
           terms[a] += r.prob
@@ -233,21 +278,26 @@ class Grammar:
 
   # -------------------------------------------------------------------------------------------- tokenizer
 
-  def encode(self, text: str) -> list[int]:
-    try:
-      return [self.token_id[w] for w in text.split()]
-    except KeyError as e:
-      raise DataError(f"{self.name}: word {e.args[0]!r} is not a terminal of the grammar.") from None
+  def encode(self, text: str, *, strict: bool = False) -> list[int]:
+    """Word ids of whitespace-separated text; a word outside the grammar is `<unk>` (strict=True: an error)."""
+    words = text.split()
+    if strict:
+      unknown = [w for w in words if w not in self.token_id or w == UNKNOWN]
+      if unknown:
+        raise DataError(f"{self.name}: word {unknown[0]!r} is not a terminal of the grammar.")
+    unk = self.unknown_id
+    return [self.token_id.get(w, unk) for w in words]
 
   def decode(self, ids) -> str:
     return " ".join(self.vocab[int(i)] for i in ids)
 
   def to_hf_tokenizer(self):
-    """The word-level tokenizer as a `tokenizers.Tokenizer` (same ids), e.g. to save next to an HF export."""
+    """The word-level tokenizer as a `tokenizers.Tokenizer` (same ids, unknown words -> `<unk>`), e.g. to save
+    next to an HF export."""
     import tokenizers  # pylint: disable=import-outside-toplevel
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(dict(self.token_id), unk_token=None))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(dict(self.token_id), unk_token=UNKNOWN))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([SEPARATOR])
+    tok.add_special_tokens([SEPARATOR, UNKNOWN])
     return tok
 
   # ------------------------------------------------------------------------------------ inside algorithm
@@ -273,11 +323,23 @@ class Grammar:
     return out
 
   def _inside(self, ids: np.ndarray) -> np.ndarray:
+    values, scale = self.inside_scaled(ids)
+    with np.errstate(divide="ignore"):
+      return np.log(values[:, self.nt_id[self.start]]) + scale
+
+  def inside_scaled(self, ids_BxN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inside probabilities of whole id sequences for every nonterminal, as (values_BxA, log_scale_B):
+    P(A =>* ids[b]) = values[b, A] * exp(log_scale[b]), A in `nonterminals` order, unary chains included.
+    Each row is scaled so its largest entry (preterminals counted) is 1, so comparing entries of one row is
+    exact; a row no symbol derives is all 0 with log_scale -inf."""
+    ids_BxN = np.asarray(ids_BxN, np.int64)
+    b, n = ids_BxN.shape
+    if n == 0:
+      raise ValueError("inside_scaled needs sequences of at least one token")
     # chart[l] holds spans of length l: values (B, n-l+1, M) scaled so each span's max is 1, and log scales
     # (B, n-l+1); scaling keeps long sentences from underflowing float64.
-    b, n = ids.shape
     closure_t = self.unary_closure.T
-    val = self.parse_lex[:, ids].transpose(1, 2, 0) @ closure_t
+    val = self.parse_lex[:, ids_BxN].transpose(1, 2, 0) @ closure_t
     chart = {1: _rescale(val, np.zeros((b, n)))}
     for length in range(2, n + 1):
       spans = n - length + 1
@@ -293,11 +355,13 @@ class Grammar:
       safe_top = np.where(np.isfinite(top), top, 0.0)
       weights = np.exp(scales - safe_top)
       acc = sum(w[..., None] * p for w, p in zip(weights, parts))
-      val = (acc @ self.bin_onehot) @ closure_t
+      val = np.zeros(acc.shape[:-1] + (self.parse_size,))
+      if self.bin_starts is not None:
+        val[..., self.bin_lhs[self.bin_starts]] = np.add.reduceat(acc, self.bin_starts, axis=-1)
+      val = val @ closure_t
       chart[length] = _rescale(val, np.where(np.isfinite(top), top, -np.inf))
     v, s = chart[n]
-    with np.errstate(divide="ignore"):
-      return np.log(v[:, 0, self.nt_id[self.start]]) + s[:, 0]
+    return v[:, 0, :len(self.nonterminals)], s[:, 0]
 
   # ------------------------------------------------------------------------------------------ entropy
 
@@ -328,15 +392,13 @@ class Grammar:
     memo = {}
 
     def expand(sym):
-      if sym not in self.nt_id:
-        return {(self.token_id[sym],): 1.0}
       if sym in memo:
         return memo[sym]
       table = {}
       for r in self._sorted_rules:
         if r.lhs != sym:
           continue
-        parts = [expand(s) for s in r.rhs]
+        parts = [{(self.token_id[s],): 1.0} if term else expand(s) for s, term in zip(r.rhs, r.terminal)]
         if any(p is None for p in parts) or math.prod(len(p) for p in parts) > limit:
           memo[sym] = None
           return None
@@ -362,10 +424,24 @@ def _rescale(val, scale):
     return val, np.where(ok, scale + np.log(np.where(ok, top, 1.0)), -np.inf)
 
 
-def parse_grammar(text: str, *, name: str = "<grammar>", strict: bool = False) -> Grammar:
-  """Parses the rule text format (module docstring). strict=True: each LHS's probabilities must sum to 1."""
-  rules, seen = [], {}
+def _rule_text(r: Rule, nt_id: dict) -> str:
+  text = f"{r.lhs} {' '.join(r.rhs)} {r.prob!r}"
+  # Kinds only where the name does not imply them (IB's format), so a grammar's hash does not depend on its format.
+  if r.terminal != tuple(s not in nt_id for s in r.rhs):
+    text += " " + "".join("t" if t else "n" for t in r.terminal)
+  return text
+
+
+def _rule_lines(text: str, name: str) -> tuple[str | None, list]:
+  """(format named by a header comment or None, [(line number, fields, probability)]) of a rule file."""
+  header, lines = None, []
   for lineno, raw in enumerate(text.splitlines(), 1):
+    match = _FORMAT_HEADER.fullmatch(raw.strip())
+    if match and not lines:
+      header = match.group(1).lower()
+      if header not in FORMATS:
+        raise DataError(f"{name}:{lineno}: unknown grammar format {match.group(1)!r}; use '# format: ib' or "
+                        "'# format: maxlm'.")
     line = raw.split("#", 1)[0].strip()
     if not line:
       continue
@@ -379,24 +455,98 @@ def parse_grammar(text: str, *, name: str = "<grammar>", strict: bool = False) -
       raise DataError(f"{where}: the last field must be a probability, got {fields[-1]!r}") from None
     if not math.isfinite(prob) or prob < 0:
       raise DataError(f"{where}: probability must be finite and >= 0, got {fields[-1]}")
-    key = (fields[0], tuple(fields[1:-1]))
+    lines.append((lineno, fields, prob))
+  return header, lines
+
+
+def _ib_terminal(fields) -> tuple[bool, ...]:
+  # IB's loader: a 3-field line is unary (a nonterminal RHS) iff its LHS starts with 'S', else a word; 4 fields
+  # name two nonterminals.
+  return (not fields[0].startswith("S"),) if len(fields) == 3 else (False, False)
+
+
+def _choose_format(requested: str, header, lines, name: str) -> tuple[str, str]:
+  """(format, why) by the rules of the module docstring."""
+  if requested not in ("auto",) + FORMATS:
+    raise DataError(f"{name}: unknown grammar format {requested!r}; use auto, ib or maxlm.")
+  if requested != "auto":
+    if header is not None and header != requested:
+      raise DataError(f"{name}: its header says '# format: {header}' but format {requested!r} was asked for; "
+                      "drop one of them.")
+    return requested, "asked for"
+  if header is not None:
+    return header, "its '# format:' header"
+  keys = [(f[0], tuple(f[1:-1])) for _, f, _ in lines]
+  if len(set(keys)) == len(keys):
+    return "maxlm", "no format header and no duplicate rules"
+  # Duplicates: IB's format, but only when no line reads differently in maxlm's, else ask for a header.
+  lhs = {f[0] for _, f, _ in lines}
+  for lineno, f, _ in lines:
+    if _ib_terminal(f) != tuple(s not in lhs for s in f[1:-1]):
+      raise DataError(
+          f"{name}: it has duplicate rules, as IB's format allows, but line {lineno} ({' '.join(f)}) means "
+          "different things in IB's format and maxlm's; start the file with '# format: ib' or '# format: maxlm' "
+          "(or load it as ib:PATH / maxlm:PATH).")
+  return "ib", "no format header, duplicate rules"
+
+
+def _merge_ib(lines, name: str) -> tuple[list[Rule], int]:
+  """IB's rules with duplicate lines summed, in order of first appearance; and how many lines were merged."""
+  merged, count = {}, 0
+  for lineno, f, prob in lines:
+    key = (f[0], tuple(f[1:-1]))
+    if key in merged:
+      merged[key][1] += prob
+      count += 1
+    else:
+      merged[key] = [lineno, prob, _ib_terminal(f)]
+  rules = [Rule(lhs, rhs, p, lineno, term) for (lhs, rhs), (lineno, p, term) in merged.items() if p > 0]
+  if count:
+    _LOG.info("%s: merged %d duplicate rule lines (IB's format sums them)", name, count)
+  return rules, count
+
+
+def _maxlm_rules(lines, name: str) -> list[Rule]:
+  rules, seen = [], {}
+  for lineno, f, prob in lines:
+    key = (f[0], tuple(f[1:-1]))
     if key in seen:
-      raise DataError(f"{where}: duplicate rule {' '.join(fields[:-1])} (first at line {seen[key]}); merge them.")
+      raise DataError(f"{name}:{lineno}: duplicate rule {' '.join(f[:-1])} (first at line {seen[key]}); merge them "
+                      "(or, for a file in IB's format, which sums duplicates, start it with '# format: ib').")
     seen[key] = lineno
     if prob > 0:  # a zero-probability rule is a rule switched off
-      rules.append(Rule(fields[0], tuple(fields[1:-1]), prob, lineno))
+      rules.append(Rule(f[0], tuple(f[1:-1]), prob, lineno))
+  return rules
+
+
+def parse_grammar(text: str, *, name: str = "<grammar>", strict: bool = False,
+                  format: str = "auto") -> Grammar:  # pylint: disable=redefined-builtin
+  """Parses a rule file in maxlm's or IB's format (module docstring: format "auto" | "ib" | "maxlm").
+  strict=True: each LHS's probabilities must sum to 1 (within 1e-6); else they are normalised."""
+  header, lines = _rule_lines(text, name)
+  fmt, why = _choose_format(format, header, lines, name)
+  merged, notes = 0, []
+  if fmt == "ib":
+    rules, merged = _merge_ib(lines, name)
+    notes.append(f"read in IB's format ({why}); merged {merged} duplicate lines by summing their probabilities")
+  else:
+    rules = _maxlm_rules(lines, name)
   if not rules:
     raise DataError(f"{name}: no rules with positive probability.")
   totals = {}
   for r in rules:
     totals[r.lhs] = totals.get(r.lhs, 0.0) + r.prob
-  if strict:
-    bad = {a: t for a, t in totals.items() if abs(t - 1.0) > 1e-6}
-    if bad:
-      listing = ", ".join(f"{a}: {t:.6g}" for a, t in bad.items())
-      raise DataError(f"{name}: rule probabilities per LHS must sum to 1 (strict mode): {listing}")
+  off = {a: t for a, t in totals.items() if abs(t - 1.0) > 1e-6}
+  if strict and off:
+    listing = ", ".join(f"{a}: {t:.6g}" for a, t in off.items())
+    raise DataError(f"{name}: rule probabilities per LHS must sum to 1 (strict mode): {listing}")
+  if off:
+    worst = max(off, key=lambda a: abs(off[a] - 1.0))
+    notes.append(f"normalised {len(off)} left-hand sides whose probabilities did not sum to 1 "
+                 f"(furthest: {worst}, summing to {off[worst]:.9g})")
+    _LOG.info("%s: %s", name, notes[-1])
   rules = [dataclasses.replace(r, prob=r.prob / totals[r.lhs]) for r in rules]
-  return Grammar(rules, name=name)
+  return Grammar(rules, name=name, fmt=fmt, notes=notes, merged_duplicates=merged)
 
 
 def builtin_grammars() -> list[str]:
@@ -405,19 +555,26 @@ def builtin_grammars() -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def load_grammar(spec: str) -> Grammar:
-  """`builtin:NAME` (data_pipelines/grammars/NAME.txt) or a path to a rule file."""
+def load_grammar(spec: str, format: str = "auto") -> Grammar:  # pylint: disable=redefined-builtin
+  """`builtin:NAME` (data_pipelines/grammars/NAME.txt) or a rule file path, either optionally prefixed by `ib:` or
+  `maxlm:` to choose its format (module docstring); `format` does the same."""
+  for fmt in FORMATS:
+    if spec.startswith(fmt + ":"):
+      if format not in ("auto", fmt):
+        raise DataError(f"grammar {spec!r} names format {fmt!r} but format {format!r} was asked for; drop one.")
+      return load_grammar(spec[len(fmt) + 1:], fmt)
   if spec.startswith("builtin:"):
     name = spec[len("builtin:"):]
     path = importlib.resources.files("maxlm.data_pipelines") / "grammars" / f"{name}.txt"
     if not path.is_file():
       raise DataError(f"unknown built-in grammar {spec!r}; available: "
                       f"{', '.join('builtin:' + g for g in builtin_grammars())}, or give a rule file path.")
-    return parse_grammar(path.read_text(), name=spec)
+    return parse_grammar(path.read_text(), name=spec, format=format)
   if not os.path.isfile(spec):
-    raise DataError(f"grammar file {spec!r} not found; set data.grammar to a rule file or builtin:demo.")
+    raise DataError(f"grammar file {spec!r} not found; set data.grammar to a rule file (ib:PATH for one in IB's "
+                    "format) or builtin:demo.")
   with open(spec, encoding="utf-8") as f:
-    return parse_grammar(f.read(), name=spec)
+    return parse_grammar(f.read(), name=spec, format=format)
 
 
 @functools.lru_cache(maxsize=8)

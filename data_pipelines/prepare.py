@@ -258,15 +258,55 @@ def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", doma
     if pool is not None:
       pool.terminate()
     bar.close()
+  _check_documents([dones[p]["stats"] for p in files], output, text_key, domain_key, progress)
   manifest = _assemble(output, files, dones, settings, tok)
   kv.write_json(token_store.MANIFEST, manifest)  # written last: its presence means the store is complete
   if not keep_parts:
-    kv.delete_prefix(_PARTS)
-    local = token_store.kvstore_spec(output)
-    if local["driver"] == "file":  # the file kvstore leaves empty directories behind
-      shutil.rmtree(os.path.join(local["path"], _PARTS), ignore_errors=True)
+    _delete_parts(output)
   _say(progress, summarize(manifest))
   return manifest
+
+
+def _delete_parts(output: str):
+  token_store.KV(output).delete_prefix(_PARTS)
+  local = token_store.kvstore_spec(output)
+  if local["driver"] == "file":  # the file kvstore leaves empty directories behind
+    shutil.rmtree(os.path.join(local["path"], _PARTS), ignore_errors=True)
+
+
+def _check_documents(stats: list, output: str, text_key: str, domain_key: str, progress: bool):
+  """No documents at all is an error (an empty store would only fail later, in training); a file without any is a
+  warning."""
+  if not any(s["documents"] for s in stats):
+    _delete_parts(output)  # nothing worth resuming, and fixed inputs must not meet a stale _parts
+    raise DataError(_no_documents_message(stats, output, text_key, domain_key))
+  for s in stats:
+    if not s["documents"]:
+      _say(progress, f"warning: {s['file']} gave no documents ({_file_outcome(s)})")
+
+
+def _file_outcome(stats: dict) -> str:
+  """What one input file held, in words: its records and the bad ones by reason."""
+  if not stats["records"] and not stats["bad_records"]:
+    return "empty: no records" + (f", {stats['blank_lines']} blank lines" if stats["blank_lines"] else "")
+  bad = ", ".join(f"{n} {reason}" for reason, n in sorted(stats["bad_records"].items()))
+  return f"{stats['records']} records" + (f"; bad: {bad}" if bad else "")
+
+
+def _no_documents_message(stats: list, output: str, text_key: str, domain_key: str) -> str:
+  shown = stats[:10]
+  listing = "\n".join(f"  {s['file']}: {_file_outcome(s)}" for s in shown)
+  if len(stats) > len(shown):
+    listing += f"\n  ... and {len(stats) - len(shown)} more files"
+  bad = collections.Counter()
+  for s in stats:
+    bad.update(s["bad_records"])
+  totals = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items())) or "none"
+  keys = f"--text-key (now {text_key!r})" + (f" and --domain-key (now {domain_key!r})" if domain_key else "")
+  files = f"{len(stats)} file" + ("s" if len(stats) != 1 else "")
+  return (f"the input gave no documents, so no token store was written to {output}. {files}, bad records by "
+          f"reason: {totals}.\n{listing}\nFix: point --input at files that hold documents (one JSON object per "
+          f"line for JSONL); if the records are there, set {keys} to the fields that hold them.")
 
 
 def _say(progress: bool, text: str):

@@ -69,11 +69,18 @@ def field(record, key_path: str):
   return cur
 
 
-def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_key: str, default_domain: str):
-  if text is _MISSING or text is None:
+def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_key: str, default_domain: str,
+            ids=None):
+  if (text is _MISSING or text is None) and ids is not None and ids is not _MISSING:
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in ids):
+      stats.bad("ids field is not a non-empty list of token ids (ints >= 0)", where, repr(ids)[:80])
+      return None
+    text = ids
+  elif text is _MISSING or text is None:
     stats.bad(f"missing text field '{text_key}'", where)
     return None
-  if not isinstance(text, str):
+  elif not isinstance(text, str):
     stats.bad(f"text field '{text_key}' is not a string", where, repr(text))
     return None
   if not text:
@@ -81,9 +88,11 @@ def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_ke
     return None
   if domain_key:
     if domain is _MISSING or domain is None:
-      stats.bad(f"missing domain field '{domain_key}'", where, text)
+      stats.bad(f"missing domain field '{domain_key}'", where, str(text))
       return None
     domain = str(domain)
+  elif domain is not None and domain is not _MISSING:
+    domain = str(domain)  # found through a fallback key
   else:
     domain = default_domain
   return text, domain
@@ -100,18 +109,26 @@ def _get(record, key):
 
 
 def read_documents(path: str, stats: FileStats, *, text_key: str = "text", domain_key: str = "",
-                   default_domain: str = "default"):
-  """Yields (text, domain) for every usable document of `path`; everything else is counted in `stats`.
+                   default_domain: str = "default", domain_fallbacks: tuple[str, ...] = (), ids_key: str = "",
+                   text_lines: bool = False):
+  """Yields (document, domain) for every usable document of `path`; everything else is counted in `stats`.
 
-  A corrupt or truncated file is reported as one bad record ('unreadable file: ...') after the documents read
-  before the damage; it never raises.
+  A document is a string, or (with `ids_key`, for records without text) a list of token ids. The domain comes from
+  `domain_key` (a record without it is bad), else from the first of `domain_fallbacks` present, else
+  `default_domain`. A plain text file is one document, or one per line with `text_lines`. A corrupt or truncated
+  file is reported as one bad record ('unreadable file: ...') after the documents read before the damage; it never
+  raises.
   """
   fmt = input_format(path)
+  keys = dict(text_key=text_key, domain_key=domain_key, default_domain=default_domain,
+              domain_fallbacks=domain_fallbacks, ids_key=ids_key)
   try:
     if fmt == "jsonl":
-      yield from _read_jsonl(path, stats, text_key, domain_key, default_domain)
+      yield from _read_jsonl(path, stats, **keys)
     elif fmt == "parquet":
-      yield from _read_parquet(path, stats, text_key, domain_key, default_domain)
+      yield from _read_parquet(path, stats, **keys)
+    elif text_lines:
+      yield from _read_text_lines(path, stats, default_domain)
     else:
       yield from _read_text(path, stats, default_domain)
   except (OSError, EOFError, ValueError, RuntimeError) as e:
@@ -123,7 +140,14 @@ def read_documents(path: str, stats: FileStats, *, text_key: str = "text", domai
     stats.bad(f"unreadable file: {type(e).__name__}", f"{path}: {e}")
 
 
-def _read_jsonl(path, stats, text_key, domain_key, default_domain):
+def _record_document(stats, where, record, text_key, domain_key, default_domain, domain_fallbacks, ids_key):
+  domain = _get(record, domain_key) if domain_key else next(
+      (d for d in (_get(record, k) for k in domain_fallbacks) if d is not _MISSING and d is not None), None)
+  return _accept(stats, where, _get(record, text_key), domain, text_key, domain_key, default_domain,
+                 ids=_get(record, ids_key) if ids_key else None)
+
+
+def _read_jsonl(path, stats, **keys):
   with _open_binary(path) as f:
     for lineno, raw in enumerate(f, 1):
       if not raw.strip():
@@ -144,33 +168,46 @@ def _read_jsonl(path, stats, text_key, domain_key, default_domain):
       if not isinstance(record, dict):
         stats.bad("not a JSON object", where, raw)
         continue
-      doc = _accept(stats, where, _get(record, text_key), _get(record, domain_key) if domain_key else None,
-                    text_key, domain_key, default_domain)
+      doc = _record_document(stats, where, record, **keys)
       if doc is not None:
         yield doc
 
 
-def _read_parquet(path, stats, text_key, domain_key, default_domain):
+def _read_parquet(path, stats, **keys):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   pf = pq.ParquetFile(path)
   names = set(pf.schema_arrow.names)
   top = lambda key: key if key in names else key.split(".")[0]
-  columns = sorted({top(k) for k in (text_key, domain_key) if k and top(k) in names})
+  wanted = (keys["text_key"], keys["domain_key"], keys["ids_key"], *keys["domain_fallbacks"])
+  columns = sorted({top(k) for k in wanted if k and top(k) in names})
   row = 0
   for batch in pf.iter_batches(batch_size=4096, columns=columns):
     records = batch.to_pylist() if columns else [{}] * batch.num_rows
     for record in records:
       row += 1
       stats.records += 1
-      doc = _accept(stats, f"row {row}", _get(record, text_key), _get(record, domain_key) if domain_key else None,
-                    text_key, domain_key, default_domain)
+      doc = _record_document(stats, f"row {row}", record, **keys)
       if doc is not None:
         yield doc
   if not columns and row == 0:
     # No requested column and no rows read through iter_batches: count the rows the file says it has.
     for _ in range(pf.metadata.num_rows):
       stats.records += 1
-      stats.bad(f"missing text field '{text_key}'", path)
+      stats.bad(f"missing text field '{keys['text_key']}'", path)
+
+
+def _read_text_lines(path, stats, default_domain):
+  """A plain text file with one document per (non-blank) line."""
+  with _open_binary(path) as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
+        stats.blank_lines += 1
+        continue
+      stats.records += 1
+      try:
+        yield raw.decode("utf-8").rstrip("\r\n"), default_domain
+      except UnicodeDecodeError as e:
+        stats.bad("undecodable bytes (not UTF-8)", f"line {lineno} byte {e.start}", raw)
 
 
 def _read_text(path, stats, default_domain):
@@ -187,3 +224,39 @@ def _read_text(path, stats, default_domain):
     stats.bad("empty text", path)
     return
   yield text, default_domain
+
+
+def bad_summary(stats: FileStats) -> str:
+  """'3 bad records: 2 malformed JSON (line 4: ...), 1 ...' or '' when there are none."""
+  total = sum(stats.bad_records.values())
+  if not total:
+    return ""
+  parts = [f"{n} {reason} (e.g. {stats.bad_examples.get(reason, [''])[0]})" for reason, n in
+           sorted(stats.bad_records.items(), key=lambda kv: -kv[1])]
+  return f"{total} bad record(s) in {stats.file}: " + "; ".join(parts)
+
+
+def collect_documents(path: str, *, text_key: str = "text", domain_key: str = "", ids_key: str = "",
+                      domain_fallbacks: tuple[str, ...] = ("domain", "meta.pile_set_name"),
+                      default_domain: str = "all", log=print) -> dict[str, list]:
+  """{domain: [document]} of one evaluation or analysis file: JSONL (.gz/.zst; `text`, or `ids` when ids_key is
+  set), Parquet, or plain text with one document per line. Bad records are counted and reported through `log`;
+  a file that yields no document is a DataError naming what was wrong."""
+  import os  # pylint: disable=import-outside-toplevel
+  from maxlm.errors import DataError  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise DataError(f"data file {path!r} does not exist; pass a .jsonl (text or ids per line) or .txt file")
+  stats = FileStats(path)
+  docs: dict[str, list] = {}
+  for doc, domain in read_documents(path, stats, text_key=text_key, domain_key=domain_key, ids_key=ids_key,
+                                    default_domain=default_domain, domain_fallbacks=domain_fallbacks,
+                                    text_lines=True):
+    docs.setdefault(domain, []).append(doc)
+  summary = bad_summary(stats)
+  if not docs:
+    fields = f"'{text_key}'" + (f" or '{ids_key}'" if ids_key else "")
+    raise DataError(f"{path} holds no documents ({stats.records} records{'; ' + summary if summary else ''}): give "
+                    f"JSONL records with a {fields} field, or plain text with one document per line")
+  if summary:
+    log(f"maxlm: warning: {summary}; these records were skipped")
+  return docs

@@ -97,3 +97,99 @@ class TextTokenizer:
   def info(self) -> dict:
     return {"kind": self.kind, "sha256": self.sha256, "vocab_size": self.vocab_size,
             "separator": self.separator, "separator_id": self.separator_id}
+
+
+# ----------------------------------------------------------------------------- the tokenizer of a run
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+
+def run_tokenizer(data_cfg) -> tuple[str | None, object]:
+  """The tokenizer a run's data section implies: ('file', path) | ('pcfg', Grammar) | (None, why not)."""
+  if data_cfg.tokenizer:
+    if not os.path.isfile(data_cfg.tokenizer):
+      return None, f"data.tokenizer {data_cfg.tokenizer} does not exist here"
+    return "file", data_cfg.tokenizer
+  if data_cfg.source in ("store", "replay") and data_cfg.path:
+    try:
+      from maxlm.data_pipelines.token_store import TokenStore  # pylint: disable=import-outside-toplevel
+      path = TokenStore(data_cfg.path).tokenizer_path()
+      if path:
+        return "file", path
+    except (ImportError, DataError, OSError) as e:
+      return None, f"cannot read the token store's tokenizer: {e}"
+  if data_cfg.source == "pcfg":
+    from maxlm.data_pipelines.pcfg import load_grammar  # pylint: disable=import-outside-toplevel
+    try:
+      return "pcfg", load_grammar(data_cfg.grammar)
+    except DataError as e:
+      return None, f"cannot build the PCFG tokenizer: {e}"
+  return None, "the run names no tokenizer (data.tokenizer is empty)"
+
+
+def run_encoder(data_cfg):
+  """(encode_batch, separator id, decode) of the tokenizer a run trained with; a DataError when none is known."""
+  kind, what = run_tokenizer(data_cfg)
+  if kind == "file":
+    tok = TextTokenizer(what)
+    return tok.encode_batch, tok.separator_id, tok.decode
+  if kind == "pcfg":  # the PCFG's word-level vocabulary
+    return (lambda texts: [what.encode(t) for t in texts]), what.separator_id, what.decode
+  raise DataError(f"cannot tokenize text for this checkpoint: {what}. Set data.tokenizer in the run's config "
+                  "(a tokenizer.json or SentencePiece .model) or use token ids / a token store instead")
+
+
+def export_tokenizer(data_cfg, out_dir: str, *, vocab_size: int, max_positions: int) -> tuple[int | None, int | None,
+                                                                                               str]:
+  """Writes the run's tokenizer files into an HF directory; returns (bos id, eos id, note). A tokenizer larger
+  than the model's vocabulary is a ConversionError (it does not belong to this checkpoint)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from maxlm.errors import ConversionError  # pylint: disable=import-outside-toplevel
+
+  kind, what = run_tokenizer(data_cfg)
+  if kind is None:
+    return None, None, f"no tokenizer files written: {what}"
+  if kind == "file" and tokenizer_kind(what) == "sentencepiece":
+    shutil.copy(what, os.path.join(out_dir, "tokenizer.model"))
+    src_cfg = os.path.join(os.path.dirname(what), "tokenizer_config.json")
+    if os.path.isfile(src_cfg):
+      shutil.copy(src_cfg, os.path.join(out_dir, "tokenizer_config.json"))
+    else:
+      _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                  {"tokenizer_class": "LlamaTokenizer", "model_max_length": max_positions})
+    tok = TextTokenizer(what)
+    return 1, tok.separator_id, f"tokenizer.model copied from {what}"
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  tok = tokenizers.Tokenizer.from_file(what) if kind == "file" else what.to_hf_tokenizer()
+  size = tok.get_vocab_size(with_added_tokens=True)
+  if size > vocab_size:
+    raise ConversionError(f"the run's tokenizer has {size} tokens but the model's vocab_size is {vocab_size}: "
+                          "the tokenizer does not belong to this checkpoint")
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  eos = next((n for n in ("<eos>",) + SEPARATOR_CANDIDATES if tok.token_to_id(n) is not None), None)
+  bos = next((n for n in BOS_CANDIDATES if tok.token_to_id(n) is not None), None)
+  copied = False
+  if kind == "file":
+    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+      src = os.path.join(os.path.dirname(what), extra)
+      if os.path.isfile(src):
+        shutil.copy(src, os.path.join(out_dir, extra))
+        copied = copied or extra == "tokenizer_config.json"
+  if not copied:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_positions,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
+    config.update({k: v for k, v in (("eos_token", eos), ("bos_token", bos)) if v})
+    unk = next((n for n in ("<unk>", "[UNK]") if tok.token_to_id(n) is not None), None)
+    if unk:
+      config["unk_token"] = unk
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+  source = what if kind == "file" else f"the PCFG grammar {data_cfg.grammar}"
+  return (tok.token_to_id(bos) if bos else None), (tok.token_to_id(eos) if eos else None), \
+      f"tokenizer.json from {source}"
+
+
+def _write_json(path: str, obj) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)

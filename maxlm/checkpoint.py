@@ -8,8 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import warnings
-from typing import Any, Optional
+import shutil
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -18,16 +19,38 @@ import orbax.checkpoint as ocp
 from maxlm import __version__
 from maxlm.config import CheckpointConfig, Config, config_from_dict
 from maxlm.errors import CheckpointError, ConfigError
+from maxlm.frozen import TRAINED_KEYS
 
 CHECKPOINTS = "checkpoints"
-FORMAT = 1
-# The extras a params-only load returns next to the params (the EMO fixed cost embedding).
-EXTRA_KEYS = ("cost_embedding",)
+SET_ASIDE = "checkpoints.unreadable"  # unreadable steps moved out of the way on resume (never deleted)
+FORMAT = 2
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step that exists but cannot be read (partial, corrupt or deleted files), as opposed to a mismatch."""
 
 
 def _handlers() -> dict:
-  return {"state": ocp.PyTreeCheckpointHandler(), "data_state": ocp.JsonCheckpointHandler(),
+  import grain  # pylint: disable=import-outside-toplevel
+  return {"state": ocp.PyTreeCheckpointHandler(), "data_state": grain.checkpoint.CheckpointHandler(),
           "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+class IteratorState:
+  """One process's data-iterator state as grain's checkpoint handler saves it (process_I-of-N.json per process,
+  written by every process itself): exact JSON of the iterator's get_state(), bytes kept as base64."""
+
+  def __init__(self, state: Any = None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(_to_json(self.state)).encode()
+
+  def set_state(self, blob: bytes) -> None:
+    self.state = _from_json(json.loads(blob))
+
+  def start_prefetch(self) -> None:  # grain's handler calls it after a restore
+    pass
 
 
 def checkpoint_dir(path: str) -> str:
@@ -127,19 +150,6 @@ def _save_args(state: dict) -> Any:
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
-def _gather_across_processes(value: Any) -> list:
-  """Every process's JSON-able `value`, in process order (a collective: all processes must call it)."""
-  if jax.process_count() == 1:
-    return [value]
-  from jax.experimental import multihost_utils
-  blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:blob.size] = blob
-  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-  return [json.loads(bytes(gathered[i, :lengths[i]]).decode()) for i in range(len(lengths))]
-
-
 class Checkpointer:
   """Saves and restores a run's state with orbax: async, keep-last-N plus every K-th, atomic per step."""
 
@@ -162,6 +172,7 @@ class Checkpointer:
         # Leftovers of a save killed before finalisation: never listed as steps, removed on the next start.
         cleanup_tmp_directories=not read_only,
     )
+    self._in_flight: Optional[int] = None
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
     except (OSError, ValueError) as e:
@@ -216,8 +227,10 @@ class Checkpointer:
   def _unreadable(self, step: int, cause: Any) -> CheckpointError:
     why = f"{type(cause).__name__}: {str(cause)[:300]}" if isinstance(cause, BaseException) else str(cause)
     others = ", ".join(str(s) for s in self.steps() if s != step) or "none"
-    return CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable (corrupt or partially "
-                           f"deleted): {why} ... Other steps: {others} (pick one with --step / restore(step=)).")
+    return CorruptCheckpointError(
+        f"checkpoint step {step} in {self.directory} is unreadable (corrupt or partially deleted): {why} ... "
+        f"Other steps: {others} (choose one with checkpoint.resume_step=STEP when training, --step STEP or "
+        f"RUN@STEP elsewhere).")
 
   def _read_json(self, step: int, item: str) -> Any:
     if not os.path.isdir(os.path.join(self.directory, str(step), item)):
@@ -243,38 +256,78 @@ class Checkpointer:
   # ---------------------------------------------------------------------------- save
 
   def save(self, step: int, state: dict, *, data_state: Optional[dict], config: Config,
-           force: bool = False, kind: str = "train") -> bool:
-    """Saves `state` at `step` if the schedule (every N) says so or `force`; returns whether a save started."""
+           force: bool = False, kind: str = "train", sources: Optional[dict] = None) -> bool:
+    """Saves `state` at `step` if the schedule (every N) says so or `force`; returns whether a save started.
+
+    A failure of the previous (async) save is raised here, naming that step, before anything new is written.
+    `sources`: where entries that are not saved come from (e.g. a LoRA base), recorded in the meta item.
+    """
     if not self.cfg.enabled and not force:
       return False
     step = int(step)
     if not force and step % max(int(self.cfg.every), 1):
       return False
+    self.wait()
     if step in self._manager.all_steps():
       return False  # e.g. the final step coincides with a periodic save
     meta = {"format": FORMAT, "kind": kind, "step": step, "maxlm_version": __version__,
-            "items": sorted(state)}
-    args = ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state, save_args=_save_args(state)),
-        data_state=ocp.args.JsonSave({"per_process": _gather_across_processes(_to_json(data_state))}),
-        config=ocp.args.JsonSave(config.to_dict()),
-        meta=ocp.args.JsonSave(meta))
+            "items": sorted(state), "sources": sources or {}}
+    items = dict(state=ocp.args.PyTreeSave(state, save_args=_save_args(state)),
+                 config=ocp.args.JsonSave(config.to_dict()), meta=ocp.args.JsonSave(meta))
+    if data_state is not None:
+      import grain  # pylint: disable=import-outside-toplevel
+      items["data_state"] = grain.checkpoint.CheckpointSave(IteratorState(data_state))
     try:
-      return bool(self._manager.save(step, args=args, force=True))
+      started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}") from e
+      raise self._save_failed(step, e) from None
+    self._in_flight = step if started else None
+    return started
+
+  def _save_failed(self, step: int, cause: BaseException) -> CheckpointError:
+    self._in_flight = None
+    try:
+      intact = [s for s in self.steps() if s != step]
+    except Exception:  # pylint: disable=broad-except
+      intact = []
+    on_disk = f"the newest intact checkpoint is step {intact[-1]}" if intact else "no intact checkpoint is on disk"
+    return CheckpointError(
+        f"saving checkpoint step {step} to {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. "
+        f"Step {step} is not on disk; {on_disk}. Free space on that filesystem (or set run.dir to another one) and "
+        f"rerun the same command to resume" + (f" from step {intact[-1]}." if intact else "."))
+
+  def poll(self) -> None:
+    """Raises (naming its step) if the async save in flight has failed; cheap enough to call every step."""
+    if self._in_flight is None or getattr(self._manager, "is_saving_in_progress", lambda: False)():
+      return
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is on disk; its failure is a CheckpointError naming the step."""
+    step = getattr(self, "_in_flight", None)
+    try:
+      self._manager.wait_until_finished()
+      if step is not None:
+        self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step if step is not None else -1, e) from None
+    self._in_flight = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   # ---------------------------------------------------------------------------- restore
 
   def restore(self, abstract_state: dict, step: Optional[int] = None) -> tuple[dict, Optional[dict]]:
-    """Restores `step` (default: the latest) into the shardings of `abstract_state` (ShapeDtypeStructs).
+    """Restores `step` (default: the latest) into the shardings of `abstract_state` (ShapeDtypeStructs), and
+    this process's data-iterator state (None when the step has none).
 
     The shardings may belong to a different mesh or device count than the one that saved.
     """
@@ -297,18 +350,57 @@ class Checkpointer:
       raise self._unreadable(step, e) from None
     return out["state"], self._process_data_state(step)
 
+  def restore_for_resume(self, abstract_state: dict, step: Optional[int] = None,
+                         log: Callable[[str], Any] = print) -> tuple[int, dict, Optional[dict]]:
+    """(step, state, data state) of `step`, or of the newest READABLE step: an unreadable step is moved aside to
+    RUN_DIR/checkpoints.unreadable/ (kept, never deleted), said, and the next older step tried."""
+    if step is not None:
+      return step, *self.restore(abstract_state, step)
+    for candidate in reversed(self.steps()):
+      try:
+        return candidate, *self.restore(abstract_state, candidate)
+      except CorruptCheckpointError as e:
+        moved = self.set_aside(candidate)
+        log(f"maxlm: {e}\nmaxlm: moved step {candidate} aside to {moved}; trying the next older step")
+    raise CheckpointError(f"no readable checkpoint in {self.directory} (unreadable steps were moved to "
+                          f"{os.path.join(os.path.dirname(self.directory), SET_ASIDE)}); start afresh in another "
+                          "run.dir or restore the files")
+
+  def set_aside(self, step: int) -> str:
+    """Moves a step's directory to RUN_DIR/checkpoints.unreadable/STEP-TIME (process 0; all processes wait)."""
+    target = os.path.join(os.path.dirname(self.directory), SET_ASIDE, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"maxlm_set_aside_{step}")
+    self._manager.reload()
+    return target
+
+  def data_state_files(self, step: int) -> list[str]:
+    return sorted(n for n in _listdir(os.path.join(self.directory, str(step), "data_state")) if n.endswith(".json"))
+
   def _process_data_state(self, step: int) -> Optional[dict]:
-    """This process's data-iterator state at `step` (each process saved its own)."""
-    data = self._read_json(step, "data_state")
-    if not data:
+    """This process's data-iterator state at `step` (each process saved its own); None when the step has none.
+    A step written by another number of processes is a CheckpointError (its states cannot be mapped exactly)."""
+    files = self.data_state_files(step)
+    if not files:
       return None
-    states = data["per_process"] if "per_process" in data else [data.get("data_state")]
-    if len(states) != jax.process_count():
-      warnings.warn(f"checkpoint step {step} in {self.directory} was written by {len(states)} processes and this run "
-                    f"has {jax.process_count()}: the data order cannot continue exactly, so the data iterators "
-                    f"restart from train.seed (documents before the checkpoint may be seen again)")
-      return None
-    return _from_json(states[jax.process_index()])
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if mine not in files:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} holds the data-iterator states of another process count "
+          f"({', '.join(files)}); this run has {jax.process_count()} process(es), so the data order cannot continue "
+          "exactly. Resume with the same number of processes, or set checkpoint.allow_data_restart=true to restart "
+          "the data order from train.seed (documents seen before the checkpoint may be seen again)")
+    import grain  # pylint: disable=import-outside-toplevel
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          data_state=grain.checkpoint.CheckpointRestore(IteratorState())))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, e) from None
+    return out["data_state"].state
 
   def restore_subtree(self, keys: tuple[str, ...], step: Optional[int] = None,
                       shardings: Optional[dict] = None) -> dict:
@@ -358,39 +450,43 @@ def open_checkpoints(path: str) -> Checkpointer:
 
 def load_params(path: str, step: Optional[int] = None, *,
                 abstract: Optional[dict] = None) -> tuple[Config, dict, dict]:
-  """(resolved config, params, extras such as {'cost_embedding': (V, dE)}) of a run dir.
+  """(resolved config, params, frozen entries such as {'cost_embedding': (V, dE)}) of a run dir.
 
-  Reads only the params and extras, never the optimizer state. `abstract` ({"params": tree, optionally
-  "cost_embedding": leaf} of ShapeDtypeStructs with shardings) checks shapes against the caller's model and
-  restores sharded device arrays; without it, host numpy arrays.
+  Reads only the params and the frozen entries, never the optimizer state. `abstract` ({"params": tree, plus any
+  frozen entries wanted} of ShapeDtypeStructs with shardings) checks the params' shapes against the caller's model
+  and restores sharded device arrays (frozen entries of another shape are left out); without it, host numpy arrays
+  of every entry.
   """
   ckpt = open_checkpoints(path)
   try:
     step = ckpt.resolve_step(step)
     cfg = ckpt.config(step)
+    saved = ckpt.state_metadata(step).tree
+    keys = tuple(k for k in saved if k not in TRAINED_KEYS or k == "params")
     shardings = None
     if abstract is not None:
-      found = flat_tree({k: v for k, v in ckpt.state_metadata(step).tree.items() if k == "params"})
-      problems = describe_mismatch(flat_tree({"params": abstract["params"]}), found)
+      problems = describe_mismatch(flat_tree({"params": abstract["params"]}), flat_tree({"params": saved.get(
+          "params", {})}))
       if problems:
         raise CheckpointError(f"{path} (step {step}) does not fit this model: " + "; ".join(problems)
                               + ". Make the model section match the checkpoint's config.yaml.")
-      shardings = {k: jax.tree.map(lambda a: a.sharding, v) for k, v in abstract.items()}
-    state = ckpt.restore_subtree(("params",) + EXTRA_KEYS, step, shardings=shardings)
+      fits = lambda k: not describe_mismatch(flat_tree(abstract[k]), flat_tree(saved[k]))  # noqa: E731
+      keys = tuple(k for k in keys if k in abstract and (k == "params" or fits(k)))
+      shardings = {k: jax.tree.map(lambda a: a.sharding, abstract[k]) for k in keys}
+    state = ckpt.restore_subtree(keys, step, shardings=shardings)
   finally:
     ckpt.close()
   if "params" not in state:
     raise CheckpointError(f"checkpoint step {step} under {path} holds no params")
-  extras = {k: state[k] for k in EXTRA_KEYS if k in state}
-  return cfg, state["params"], extras
+  return cfg, state["params"], {k: v for k, v in state.items() if k != "params"}
 
 
 def save_params(run_dir: str, cfg: Config, params: dict, *, extras: Optional[dict] = None, step: int = 0) -> None:
-  """Writes a params-only checkpoint (+ extras) that load_params reads and checkpoint.init_from starts from."""
+  """Writes a params-only checkpoint (+ frozen entries) that load_params reads and checkpoint.init_from starts from."""
+  reserved = set(extras or {}) & set(TRAINED_KEYS)
+  if reserved:
+    raise ValueError(f"frozen entries may not be named {sorted(reserved)}")
   state = {"params": params, **(extras or {})}
-  unknown = set(extras or {}) - set(EXTRA_KEYS)
-  if unknown:
-    raise CheckpointError(f"unknown checkpoint extras {sorted(unknown)}; known: {', '.join(EXTRA_KEYS)}")
   with Checkpointer(run_dir, CheckpointConfig(async_save=False, keep_last=0)) as ckpt:
     if step in ckpt.steps():
       raise CheckpointError(f"{ckpt.directory} already holds step {step}; write to a new directory")

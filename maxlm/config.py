@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import json
 import math
 import os
 import types
 import typing
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -29,11 +30,13 @@ class RunConfig:
   progress: bool = True
   tensorboard: bool = True
   summary: bool = True  # print the start-to-end summary when the run ends
+  wandb_project: str = ""  # "" = no Weights & Biases; WANDB_MODE=offline is honoured
+  profile_steps: str = ""  # "START:STOP" (e.g. "10:15"): a jax.profiler trace of those steps in run.dir/profile
 
 
 @dataclasses.dataclass
 class ModelConfig:
-  family: str = "llama"  # llama | olmo
+  family: Literal["llama", "olmo"] = "llama"
   vocab_size: int = 32000
   hidden: int = 1024
   layers: int = 24
@@ -47,10 +50,10 @@ class ModelConfig:
   tie_embeddings: bool = False
   init_std: float = 0.01
   clip_qkv: Optional[float] = None  # OLMo v1 option
-  param_dtype: str = "float32"
-  compute_dtype: str = "bfloat16"
-  attention: str = "auto"  # auto | xla | cudnn
-  remat: str = "full"  # none | full | dots | dots_no_batch
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+  attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
   scan_layers: bool = True
 
 
@@ -63,16 +66,16 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-  objective: str = "ce"  # ce | mile | focal | emo | mixce | tvd
-  impl: str = "auto"  # auto | reference | blockwise | pallas
+  objective: Literal["ce", "mile", "focal", "emo", "mixce", "tvd"] = "ce"
+  impl: Literal["auto", "reference", "blockwise", "pallas"] = "auto"
   gamma: float = 1.0  # mile, focal
-  reduction: str = "valid"  # mile: valid | reference
+  reduction: Literal["valid", "reference"] = "valid"  # mile only
   entropy_floor: float = 0.0  # mile reference mode uses 1e-8
   ratio: float = 0.5  # mixce, tvd
-  emo_mode: int = 1
+  emo_mode: Literal[1, 2] = 1
   emo_clamp: Optional[float] = 3.0
   emo_gt_trick: bool = False
-  cost_embedding: str = "fixed"  # fixed | adaptive | file
+  cost_embedding: Literal["fixed", "adaptive", "file"] = "fixed"
   cost_embedding_file: str = ""
   ignore_index: int = -100
 
@@ -86,7 +89,7 @@ class OptimConfig:
   weight_decay: float = 0.1
   grad_clip: float = 1.0
   warmup_steps: int = 2000
-  schedule: str = "cosine"  # cosine | constant
+  schedule: Literal["cosine", "constant"] = "cosine"
   min_lr_ratio: float = 0.1
 
 
@@ -102,7 +105,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-  source: str = "store"  # store | pcfg | replay | seqio
+  source: Literal["store", "pcfg", "replay", "seqio", "sft"] = "store"
   path: str = ""
   mixture: str = ""  # "" = proportional to tokens; "pile" = configs/data/pile.yaml; or a YAML path
   weights: dict = dataclasses.field(default_factory=dict)
@@ -115,6 +118,9 @@ class DataConfig:
   num_workers: int = 0
   seqio_task: str = ""
   tokenizer: str = ""
+  sft_template: Literal["auto", "alpaca", "chat"] = "auto"  # auto: Alpaca records -> alpaca, messages -> chat
+  sft_packing: bool = True  # pack examples with document masking (False: one padded example per row)
+  validation_fraction: float = 0.0  # sft: share of records held out (by content hash) for validation
 
 
 @dataclasses.dataclass
@@ -125,7 +131,28 @@ class CheckpointConfig:
   keep_every: int = 0  # 0 = keep none beyond the last N
   async_save: bool = True
   resume: bool = True
+  resume_step: int = -1  # -1 = the newest readable step; N = resume from step N exactly
+  allow_data_restart: bool = False  # resume a checkpoint without (usable) data state, data order from the seed
   init_from: str = ""  # a maxlm checkpoint (e.g. from `convert from-hf`) to start from when run.dir is empty
+
+
+@dataclasses.dataclass
+class InjectConfig:
+  """Knowledge injection (seed 002): fictional-knowledge paragraphs inserted into training batches, plus probes."""
+  paraphrase_file: str = ""  # JSON list of items injected at every injection step (paraphrase k-1 the k-th time)
+  once_file: str = ""  # JSON list of items each injected at exactly one injection step
+  interval: int = 0  # inject at steps s with s % interval == 0; 0 = never (probes are still scored)
+  probe_every: int = 0  # 0 = probes only before the first and after the last step
+  probe_mode: Literal["exact", "reference"] = "exact"
+  probe_batch_size: int = 16
+
+
+@dataclasses.dataclass
+class LoraConfig:
+  rank: int = 0  # 0 = off
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])  # from q, k, v, o, gate, up, down
 
 
 @dataclasses.dataclass
@@ -138,8 +165,10 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  inject: InjectConfig = dataclasses.field(default_factory=InjectConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
-  # Derived values (filled by `finalize`), never read from YAML.
+  # Derived values, never read from YAML.
   @property
   def head_dim(self) -> int:
     return self.model.head_dim or self.model.hidden // self.model.heads
@@ -151,25 +180,50 @@ class Config:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  def origin(self, key: str) -> str:
+    """Which file or override last set `key` ("section.name"), for error messages."""
+    return self.__dict__.get("_origins", {}).get(key, "the defaults")
 
-OBJECTIVES = ("ce", "mile", "focal", "emo", "mixce", "tvd")
-CHOICES = {
-    "model.family": ("llama", "olmo"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "xla", "cudnn"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "loss.objective": OBJECTIVES,
-    "loss.impl": ("auto", "reference", "blockwise", "pallas"),
-    "loss.reduction": ("valid", "reference"),
-    "loss.emo_mode": (1, 2),
-    "loss.cost_embedding": ("fixed", "adaptive", "file"),
-    "optim.schedule": ("cosine", "constant"),
-    "data.source": ("store", "pcfg", "replay", "seqio"),
-}
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(section_cls: type) -> dict[str, Any]:
+  """{field name: resolved type hint} of a config section (the schema's one source of types and choices)."""
+  return typing.get_type_hints(section_cls)
+
+
+def choices(key: str) -> tuple:
+  """The allowed values of a `Literal` field, e.g. choices("loss.objective")."""
+  section, name = key.split(".")
+  section_cls = field_types(Config)[section]
+  return typing.get_args(field_types(section_cls)[name])
+
+
+OBJECTIVES = choices("loss.objective")
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """safe_load that rejects a key given twice in one mapping (YAML would silently keep the last one)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+  seen = {}
+  for key_node, _ in node.value:
+    key = loader.construct_object(key_node, deep=deep)
+    if key in seen:
+      raise yaml.constructor.ConstructorError(
+          None, None, f"the key {key!r} appears twice in one mapping (first on line {seen[key] + 1}); merge them",
+          key_node.start_mark)
+    seen[key] = key_node.start_mark.line
+  return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def preset_names() -> list[str]:
@@ -193,7 +247,7 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
       raise ConfigError(f"unknown preset {name_or_path!r}.{hint} Presets: {', '.join(preset_names())}")
     text, origin = res.read_text(), f"configs/{name_or_path}.yaml"
   try:
-    data = yaml.safe_load(text) or {}
+    data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
   except yaml.YAMLError as e:
     raise ConfigError(f"{origin} is not valid YAML: {e}") from None
   if not isinstance(data, dict):
@@ -211,15 +265,24 @@ def _layers(name_or_path: str, seen: tuple = ()) -> list[tuple[dict, str]]:
   return layers + [(data, origin)]
 
 
-def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
+def _type_name(hint: Any) -> str:
+  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
   """Checks `value` against a field's declared type; ints widen to floats, nothing else is converted."""
-  hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing), {"Optional": Optional})
-  origin_t = typing.get_origin(hint)
-  if origin_t in (typing.Union, types.UnionType):
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
     args = typing.get_args(hint)
     if value is None and type(None) in args:
       return None
     hint = next(a for a in args if a is not type(None))
+  if typing.get_origin(hint) is Literal:
+    allowed = typing.get_args(hint)
+    if value in allowed and type(value) in {type(a) for a in allowed}:
+      return value
+    close = difflib.get_close_matches(str(value), [str(c) for c in allowed], n=1)
+    hint_text = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key} = {value!r} (from {origin}) is not one of {', '.join(map(str, allowed))}.{hint_text}")
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if hint is float and isinstance(value, str):
@@ -230,10 +293,16 @@ def _coerce(value: Any, annotation: Any, key: str, origin: str) -> Any:
   expected = typing.get_origin(hint) or hint
   if expected is dict and isinstance(value, dict):
     return value
+  if expected is list:
+    (item,) = typing.get_args(hint) or (Any,)
+    if isinstance(value, str) and item is str:  # lora.targets=q,v on the command line
+      value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list) and all(item is Any or type(v) is item for v in value):
+      return list(value)
   if expected in (int, float, str, bool) and type(value) is expected:
     return value
-  raise ConfigError(f"{key} = {value!r} (from {origin}) must be of type "
-                    f"{getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+  raise ConfigError(f"{key} = {value!r} (from {origin}) must be of type {_type_name(hint)}, "
+                    f"got {type(value).__name__}")
 
 
 def _apply(cfg: Config, data: dict, origin: str) -> None:
@@ -259,22 +328,23 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"unknown config key {dotted!r} (from {origin}){hint}")
   section = getattr(cfg, section_name)
-  fields = {f.name: f for f in dataclasses.fields(section)}
-  if len(parts) < 2 or parts[1] not in fields:
-    valid = [f"{section_name}.{k}" for k in fields]
+  hints = field_types(type(section))
+  if len(parts) < 2 or parts[1] not in hints:
+    valid = [f"{section_name}.{k}" for k in hints]
     close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
     raise ConfigError(f"unknown config key {dotted!r} (from {origin}){hint}")
-  field = fields[parts[1]]
+  cfg.__dict__.setdefault("_origins", {})[".".join(parts[:2])] = origin
+  hint = hints[parts[1]]
   if len(parts) > 2:  # a key inside a dict field, e.g. data.weights.ArXiv=0.2
-    if typing.get_origin(field.type) is not dict and field.type not in (dict, "dict"):
+    if (typing.get_origin(hint) or hint) is not dict:
       raise ConfigError(f"config key {dotted!r} (from {origin}): {section_name}.{parts[1]} has no sub-keys")
     target = getattr(section, parts[1])
     for p in parts[2:-1]:
       target = target.setdefault(p, {})
     target[parts[-1]] = value
     return
-  setattr(section, parts[1], _coerce(value, field.type, dotted, origin))
+  setattr(section, parts[1], _coerce(value, hint, dotted, origin))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -290,10 +360,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(name_or_path: str = "demo", overrides: tuple[str, ...] | list[str] = (),
                 *, num_devices: Optional[int] = None) -> Config:
-  """base.yaml, then the preset chain, then `key=value` overrides; validated and finalized."""
+  """The schema's defaults, then the preset chain, then `key=value` overrides; validated and finalized.
+
+  configs/base.yaml documents every key with its default (a test keeps it equal to the schema); it is not read.
+  """
   cfg = Config()
-  base, origin = _read_yaml("base")
-  _apply(cfg, base, origin)
   for data, origin in _layers(name_or_path):
     _apply(cfg, data, origin)
   for text in overrides:
@@ -335,23 +406,49 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
-  """Checks choices and combinations; `num_devices` (None = don't check the mesh) validates mesh sizes."""
-  for key, choices in CHOICES.items():
-    section, name = key.split(".")
-    value = getattr(getattr(cfg, section), name)
-    if value not in choices:
-      close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(str, choices))}.{hint}")
+def _check_ranges(cfg: Config) -> None:
+  """Single values out of range: (key, ok, requirement) rows, each error naming who set the value."""
+  m, t, o, c, r = cfg.model, cfg.train, cfg.optim, cfg.checkpoint, cfg.run
+  rows = [
+      ("model.vocab_size", m.vocab_size > 0, "positive"), ("model.hidden", m.hidden > 0, "positive"),
+      ("model.layers", m.layers > 0, "positive"), ("model.heads", m.heads > 0, "positive"),
+      ("model.ffn", m.ffn > 0, "positive"), ("model.kv_heads", m.kv_heads >= 0, ">= 0 (0 = model.heads)"),
+      ("model.head_dim", m.head_dim >= 0, ">= 0 (0 = hidden / heads)"),
+      ("model.max_positions", m.max_positions > 0, "positive"), ("model.norm_eps", m.norm_eps > 0, "positive"),
+      ("model.init_std", m.init_std > 0, "positive"), ("model.rope_theta", m.rope_theta > 0, "positive"),
+      ("train.steps", t.steps > 0, "positive"), ("train.global_batch", t.global_batch > 0, "positive"),
+      ("train.seq_len", t.seq_len > 0, "positive"), ("train.microbatches", t.microbatches > 0, "positive"),
+      ("run.log_every", r.log_every > 0, "positive"), ("run.eval_every", r.eval_every >= 0, ">= 0 (0 = at the end)"),
+      ("run.eval_batches", r.eval_batches >= 0, ">= 0"),
+      ("optim.lr", o.lr > 0 and math.isfinite(o.lr), "a positive finite learning rate"),
+      ("optim.b1", 0 <= o.b1 < 1, "in [0, 1)"), ("optim.b2", 0 <= o.b2 < 1, "in [0, 1)"),
+      ("optim.eps", o.eps > 0, "positive"), ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
+      ("optim.grad_clip", o.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+      ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"), ("optim.min_lr_ratio", 0 <= o.min_lr_ratio <= 1,
+                                                              "in [0, 1]"),
+      ("checkpoint.every", c.every >= 1, "a positive number of steps (disable saves with checkpoint.enabled=false)"),
+      ("checkpoint.keep_last", c.keep_last >= 0, ">= 0 (0 = keep all)"),
+      ("checkpoint.keep_every", c.keep_every >= 0, ">= 0 (0 = none)"),
+      ("checkpoint.resume_step", c.resume_step >= -1, "-1 (the newest readable step) or a step number"),
+      ("loss.gamma", cfg.loss.gamma >= 0, ">= 0"), ("loss.ratio", 0 <= cfg.loss.ratio <= 1, "in [0, 1]"),
+      ("data.prefetch", cfg.data.prefetch >= 0, ">= 0"), ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
+      ("data.pcfg_tokens", cfg.data.pcfg_tokens >= 0, ">= 0 (0 = unbounded)"),
+      ("data.validation_fraction", 0 <= cfg.data.validation_fraction < 1, "in [0, 1)"),
+      ("inject.interval", cfg.inject.interval >= 0, ">= 0 (0 = no injection)"),
+      ("inject.probe_every", cfg.inject.probe_every >= 0, ">= 0 (0 = before and after training only)"),
+      ("inject.probe_batch_size", cfg.inject.probe_batch_size > 0, "positive"),
+      ("lora.rank", cfg.lora.rank >= 0, ">= 0 (0 = off)"), ("lora.alpha", cfg.lora.alpha > 0, "positive"),
+      ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
+  ]
+  for key, ok, requirement in rows:
+    if not ok:
+      section, name = key.split(".")
+      value = getattr(getattr(cfg, section), name)
+      raise ConfigError(f"{key} = {value} (from {cfg.origin(key)}) must be {requirement}")
+
+
+def _check_model(cfg: Config) -> None:
   m, t = cfg.model, cfg.train
-  positive = {"model.vocab_size": m.vocab_size, "model.hidden": m.hidden, "model.layers": m.layers,
-              "model.heads": m.heads, "model.ffn": m.ffn, "train.steps": t.steps,
-              "train.global_batch": t.global_batch, "train.seq_len": t.seq_len,
-              "train.microbatches": t.microbatches, "run.log_every": cfg.run.log_every}
-  for key, value in positive.items():
-    if value <= 0:
-      raise ConfigError(f"{key} = {value} must be positive")
   if m.head_dim == 0 and m.hidden % m.heads:
     raise ConfigError(f"model.hidden = {m.hidden} is not divisible by model.heads = {m.heads}; "
                       f"change one of them or set model.head_dim explicitly")
@@ -363,8 +460,10 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
   if t.global_batch % t.microbatches:
     raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.microbatches = "
                       f"{t.microbatches}")
-  if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
-    raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+
+
+def _check_features(cfg: Config) -> None:
+  """Combinations of the loss, run, LoRA and injection sections."""
   if cfg.loss.objective == "emo" and cfg.loss.cost_embedding == "file" and not cfg.loss.cost_embedding_file:
     raise ConfigError("loss.cost_embedding = 'file' needs loss.cost_embedding_file = path/to/embedding.npy (V x dE)")
   if cfg.loss.ignore_index != -100:
@@ -372,7 +471,40 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
                       f"target with -100, so the loss must ignore -100; remove the override")
   if cfg.loss.reduction == "reference" and cfg.loss.objective != "mile":
     raise ConfigError("loss.reduction = 'reference' applies to loss.objective = 'mile' only")
+  if cfg.run.profile_steps:
+    profile_range(cfg.run.profile_steps)
+  unknown = [t for t in cfg.lora.targets if t not in LORA_TARGETS]
+  if unknown:
+    raise ConfigError(f"lora.targets {unknown} (from {cfg.origin('lora.targets')}): no such projection; choose from "
+                      f"{', '.join(LORA_TARGETS)}")
+  if cfg.lora.rank > 0 and not cfg.lora.targets:
+    raise ConfigError("lora.rank > 0 needs at least one lora.targets entry (e.g. lora.targets=q,v)")
+  if cfg.lora.rank > 0 and not cfg.checkpoint.init_from:
+    raise ConfigError(f"lora.rank = {cfg.lora.rank} adapts a trained base model, but checkpoint.init_from is empty: "
+                      "point it at a maxlm run or a `maxlm.convert from-hf` import (or set lora.rank=0)")
+
+
+def profile_range(text: str) -> tuple[int, int]:
+  """run.profile_steps "START:STOP" -> (START, STOP): the trace covers steps START+1 .. STOP."""
+  try:
+    start, stop = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise ConfigError(f"run.profile_steps = {text!r} must look like START:STOP, e.g. 10:15") from None
+  if not 0 <= start < stop:
+    raise ConfigError(f"run.profile_steps = {text!r} needs 0 <= START < STOP")
+  return start, stop
+
+
+def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
+  """Checks values and combinations; `num_devices` (None = don't check the mesh) validates mesh sizes.
+
+  Choices (Literal fields) and types were checked when each value was set.
+  """
+  _check_ranges(cfg)
+  _check_model(cfg)
+  _check_features(cfg)
   if num_devices is not None:
+    m, t = cfg.model, cfg.train
     data, fsdp, tensor = mesh_shape(cfg.mesh, num_devices)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
     per_step = t.global_batch // t.microbatches
@@ -389,9 +521,11 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-  """Writes the resolved config as YAML (readable) next to a JSON twin (exact)."""
+  """Writes the resolved config as YAML (readable) next to a JSON twin (exact), each replaced atomically."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-  with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump(cfg.to_dict(), f, indent=1)
+  json_path = os.path.splitext(path)[0] + ".json"
+  for target, dump in ((path, lambda f: yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)),
+                       (json_path, lambda f: json.dump(cfg.to_dict(), f, indent=1))):
+    with open(target + ".tmp", "w") as f:
+      dump(f)
+    os.replace(target + ".tmp", target)

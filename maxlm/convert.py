@@ -1,186 +1,138 @@
 """Conversion between maxlm checkpoints and Hugging Face directories (LlamaForCausalLM, OlmoForCausalLM).
 
-to-hf streams one tensor at a time from the checkpoint into sharded safetensors; outputs appear only when complete.
+to-hf streams tensors from the checkpoint into safetensors shards (the safetensors library) of bounded size;
+outputs appear only when complete. from-hf reads an HF directory (also in memory, for analysis tools).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import struct
 import sys
-import tempfile
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from maxlm import checkpoint, hf_names
 from maxlm.config import Config, finalize, load_config
-from maxlm.errors import CheckpointError, ConversionError, MaxlmError, cli_exit_code
+from maxlm.data_pipelines.tokenization import HF_TOKENIZER_FILES, export_tokenizer
+from maxlm.errors import CheckpointError, ConversionError, cli_exit_code
+from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
 
-DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", "bfloat16"), "float16": ("F16", np.float16)}
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
-ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+DTYPES = ("float32", "bfloat16", "float16")
 INDEX = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# A shard is held in host memory until it is written: 512 MiB keeps export near one large tensor (a 7B embedding
+# is 262 MB in bf16) while a 7B export still has only ~30 files.
+DEFAULT_SHARD_BYTES = 512 * 1024 ** 2
 
 
-def _np_dtype(name):
+def _np_dtype(name: str) -> np.dtype:
   if name == "bfloat16":
     import ml_dtypes  # pylint: disable=import-outside-toplevel  (ships with jax)
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 
 
-# ----------------------------------------------------------------------------- atomic output
-
-
-@contextlib.contextmanager
-def atomic_output(output: str, *, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling of `output` that is renamed to `output` only if the block succeeds, so a
-  failed or killed conversion never leaves a directory that looks complete."""
-  output = os.path.abspath(os.path.expanduser(output))
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not overwrite:
-    raise ConversionError(f"output {output} already exists and is not empty; choose a new directory or pass "
-                          "--overwrite")
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the final directory
-  try:
-    yield tmp
-    old = None
-    if os.path.exists(output):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=parent)
-      os.rename(output, os.path.join(old, "x"))
-    os.rename(tmp, output)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-# ----------------------------------------------------------------------------- safetensors, streamed
+# ----------------------------------------------------------------------------- safetensors
 
 
 class SafetensorsShards:
-  """Writes named tensors into size-bounded safetensors shards plus their index, one tensor in memory at a time.
+  """Writes named tensors in a known order into safetensors shards plus their index; each shard is written by
+  `safetensors.numpy.save_file` as soon as its last tensor arrives, so host memory holds at most one shard
+  (max_shard_bytes, or a single larger tensor)."""
 
-  All names, shapes and dtypes are known up front, so each shard's header is written first and tensors are then
-  appended in order.
-  """
-
-  def __init__(self, directory: str, plan: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
+  def __init__(self, directory: str, plan: list[tuple[str, tuple[int, ...]]], itemsize: int, max_shard_bytes: int):
     self.directory = directory
-    self.shards: list[list[tuple[str, tuple[int, ...], str, int]]] = [[]]
+    self.shards: list[list[str]] = [[]]
     size = 0
-    for name, shape, st_dtype in plan:
-      nbytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[st_dtype]
+    for name, shape in plan:
+      nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
       if self.shards[-1] and size + nbytes > max_shard_bytes:
         self.shards.append([])
         size = 0
-      self.shards[-1].append((name, tuple(shape), st_dtype, nbytes))
+      self.shards[-1].append(name)
       size += nbytes
     n = len(self.shards)
     self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    self.total_bytes = sum(e[3] for s in self.shards for e in s)
-    self._order = [(i, e) for i, s in enumerate(self.shards) for e in s]
-    self._next = 0
-    self._file = None
-
-  def _open(self, shard: int):
-    if self._file:
-      self._file.close()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, st_dtype, nbytes in self.shards[shard]:
-      header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-      offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # tensor data 8-byte aligned, as the reference writer does
-    self._file = open(os.path.join(self.directory, self.files[shard]), "wb")
-    self._file.write(struct.pack("<Q", len(blob)) + blob)
+    self.shapes = dict(plan)
+    self.total_bytes = sum(int(np.prod(shape, dtype=np.int64)) * itemsize for _, shape in plan)
+    self._shard, self._pending = 0, {}
 
   def write(self, name: str, array: np.ndarray) -> None:
-    shard, (expected, shape, _, nbytes) = self._order[self._next]
-    if name != expected or tuple(array.shape) != shape or array.nbytes != nbytes:
-      raise ConversionError(f"internal: tensor {name} {array.shape} written out of plan (expected {expected} "
-                            f"{shape})")
-    if self._next == 0 or self._order[self._next - 1][0] != shard:
-      self._open(shard)
-    self._file.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    self._next += 1
+    expected = self.shards[self._shard][len(self._pending)]
+    if name != expected or tuple(array.shape) != tuple(self.shapes[name]):
+      raise ValueError(f"tensor {name} {array.shape} written out of plan (expected {expected} {self.shapes[expected]})")
+    self._pending[name] = np.ascontiguousarray(array)
+    if len(self._pending) == len(self.shards[self._shard]):
+      from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+      save_file(self._pending, os.path.join(self.directory, self.files[self._shard]), metadata={"format": "pt"})
+      self._shard, self._pending = self._shard + 1, {}
 
   def close(self) -> None:
-    if self._file:
-      self._file.close()
-    if self._next != len(self._order):
-      raise ConversionError(f"internal: {len(self._order) - self._next} planned tensors were not written")
+    if self._shard != len(self.shards):
+      raise ValueError(f"{len(self.shards) - self._shard} planned shard(s) were not completed")
     index = {"metadata": {"total_size": self.total_bytes},
-             "weight_map": {name: self.files[i] for i, (name, *_rest) in self._order}}
+             "weight_map": {name: self.files[i] for i, names in enumerate(self.shards) for name in names}}
     with open(os.path.join(self.directory, INDEX), "w") as f:
       json.dump(index, f, indent=2)
 
 
 class HFTensors:
-  """Lazy reader of an HF model directory's weights: safetensors (memory-mapped) or, with torch, *.bin."""
+  """Lazy reader of an HF model directory's weights: safetensors (safetensors.safe_open) or, with torch, *.bin."""
 
   def __init__(self, model_dir: str):
+    from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
     self.model_dir = model_dir
-    self.where: dict[str, tuple[str, dict, int]] = {}
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    self.where: dict[str, str] = {}
     self._torch_state = None
-    if files:
-      for f in files:
-        path = os.path.join(model_dir, f)
-        try:
-          with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
-          raise ConversionError(f"{path} is not a readable safetensors file: {e}") from None
-        for name, info in header.items():
-          if name != "__metadata__":
-            self.where[name] = (path, info, 8 + n)
-    else:
-      bins = sorted(f for f in os.listdir(model_dir) if f.endswith(".bin") and f.startswith("pytorch_model"))
-      if not bins:
-        raise ConversionError(f"no weights in {model_dir}: expected *.safetensors (or pytorch_model*.bin)")
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    for f in files:
+      path = os.path.join(model_dir, f)
       try:
-        import torch  # pylint: disable=import-outside-toplevel
-      except ImportError:
-        raise ConversionError(f"{model_dir} holds pytorch_model*.bin weights, which need torch: pip install "
-                              "'maxlm[hf]' (or convert them to safetensors)") from None
-      self._torch_state = {}
-      for f in bins:
-        self._torch_state.update(torch.load(os.path.join(model_dir, f), map_location="cpu", weights_only=True))
-      self.where = {k: ("", {}, 0) for k in self._torch_state}
+        with safe_open(path, framework="numpy") as handle:
+          self.where.update({name: path for name in handle.keys()})
+      except (OSError, SafetensorError, ValueError) as e:
+        raise ConversionError(f"{path} is not a readable safetensors file: {e}") from None
+    if not files:
+      self._load_torch_bins(model_dir)
+
+  def _load_torch_bins(self, model_dir: str) -> None:
+    bins = sorted(f for f in os.listdir(model_dir) if f.endswith(".bin") and f.startswith("pytorch_model"))
+    if not bins:
+      raise ConversionError(f"no weights in {model_dir}: expected *.safetensors (or pytorch_model*.bin)")
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConversionError(f"{model_dir} holds pytorch_model*.bin weights, which need torch: pip install "
+                            "'maxlm[hf]' (or convert them to safetensors)") from None
+    self._torch_state = {}
+    for f in bins:
+      self._torch_state.update(torch.load(os.path.join(model_dir, f), map_location="cpu", weights_only=True))
+    self.where = {k: "" for k in self._torch_state}
 
   def names(self) -> list[str]:
     return list(self.where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    if self._torch_state is not None:
+      return tuple(self._torch_state[name].shape)
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    with safe_open(self.where[name], framework="numpy") as handle:
+      return tuple(handle.get_slice(name).get_shape())
 
   def read(self, name: str) -> np.ndarray:
     if name not in self.where:
       raise ConversionError(f"tensor {name} is missing from {self.model_dir}")
     if self._torch_state is not None:
       return self._torch_state[name].float().numpy()
-    path, info, start = self.where[name]
-    if info["dtype"] not in SAFETENSORS_DTYPES:
-      raise ConversionError(f"tensor {name} in {path} has unsupported dtype {info['dtype']}")
-    dtype = _np_dtype(SAFETENSORS_DTYPES[info["dtype"]]) if isinstance(SAFETENSORS_DTYPES[info["dtype"]], str) \
-        else np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
-    begin, end = info["data_offsets"]
-    count = (end - begin) // dtype.itemsize
-    return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=start + begin,
-                     shape=(count,)).reshape(info["shape"])
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    with safe_open(self.where[name], framework="numpy") as handle:
+      try:
+        return handle.get_tensor(name)
+      except (TypeError, ValueError) as e:
+        raise ConversionError(f"tensor {name} in {self.where[name]} cannot be read: {e}") from None
 
 
 # ----------------------------------------------------------------------------- checkpoint, streamed
@@ -321,107 +273,37 @@ def model_fields_from_hf(hf: dict, where: str) -> dict:
   return fields
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _run_tokenizer(cfg: Config) -> tuple[Optional[str], Any]:
-  """('file', path) | ('tokenizer', tokenizers.Tokenizer) | (None, reason): the tokenizer a run trained with."""
-  if cfg.data.tokenizer:
-    if not os.path.isfile(cfg.data.tokenizer):
-      return None, f"data.tokenizer {cfg.data.tokenizer} does not exist here"
-    return "file", cfg.data.tokenizer
-  if cfg.data.source == "store" and cfg.data.path:
-    try:
-      from maxlm.data_pipelines.token_store import TokenStore  # pylint: disable=import-outside-toplevel
-      path = TokenStore(cfg.data.path).tokenizer_path()
-      if path:
-        return "file", path
-    except (ImportError, MaxlmError, OSError) as e:
-      return None, f"cannot read the token store's tokenizer: {e}"
-  if cfg.data.source == "pcfg":
-    try:
-      from maxlm.data_pipelines.pcfg import load_grammar  # pylint: disable=import-outside-toplevel
-      return "tokenizer", load_grammar(cfg.data.grammar).to_hf_tokenizer()
-    except (ImportError, MaxlmError) as e:
-      return None, f"cannot build the PCFG tokenizer: {e}"
-  return None, "the run names no tokenizer (data.tokenizer is empty)"
-
-
-def write_tokenizer(cfg: Config, out_dir: str) -> tuple[Optional[int], Optional[int], str]:
-  """Writes the run's tokenizer files; returns (bos id, eos id, note). Vocab larger than the model's is an error."""
-  kind, what = _run_tokenizer(cfg)
-  if kind is None:
-    return None, None, f"no tokenizer files written: {what}"
-  if kind == "file" and not what.endswith(".json"):
-    shutil.copy(what, os.path.join(out_dir, "tokenizer.model"))
-    config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": cfg.model.max_positions}
-    src_cfg = os.path.join(os.path.dirname(what), "tokenizer_config.json")
-    if os.path.isfile(src_cfg):
-      shutil.copy(src_cfg, os.path.join(out_dir, "tokenizer_config.json"))
-    else:
-      with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return 1, 2, f"tokenizer.model copied from {what}"
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  tok = tokenizers.Tokenizer.from_file(what) if kind == "file" else what
-  size = tok.get_vocab_size(with_added_tokens=True)
-  if size > cfg.model.vocab_size:
-    raise ConversionError(f"the run's tokenizer has {size} tokens but the model's vocab_size is "
-                          f"{cfg.model.vocab_size}: the tokenizer does not belong to this checkpoint")
-  tok.save(os.path.join(out_dir, "tokenizer.json"))
-  from maxlm.data_pipelines.tokenization import SEPARATOR_CANDIDATES  # pylint: disable=import-outside-toplevel
-  names = ("<eos>",) + SEPARATOR_CANDIDATES
-  eos = next((n for n in names if tok.token_to_id(n) is not None), None)
-  bos = next((n for n in ("<s>", "<|begin_of_text|>", "<bos>") if tok.token_to_id(n) is not None), None)
-  src_dir = os.path.dirname(what) if kind == "file" else None
-  copied = False
-  for extra in ("tokenizer_config.json", "special_tokens_map.json"):
-    if src_dir and os.path.isfile(os.path.join(src_dir, extra)):
-      shutil.copy(os.path.join(src_dir, extra), os.path.join(out_dir, extra))
-      copied = copied or extra == "tokenizer_config.json"
-  if not copied:
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_positions,
-              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
-    if eos:
-      config["eos_token"] = eos
-    if bos:
-      config["bos_token"] = bos
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump(config, f, indent=2)
-  return (tok.token_to_id(bos) if bos else None), (tok.token_to_id(eos) if eos else None), \
-      f"tokenizer.json from {what if kind == 'file' else 'the PCFG grammar ' + cfg.data.grammar}"
-
-
 # ----------------------------------------------------------------------------- to-hf
 
 
 def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtype: str = "bfloat16",
           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, log=print) -> str:
-  """Exports a run's checkpoint (default: latest step) as an HF directory; returns its path."""
+  """Exports a run's checkpoint (default: latest step) as an HF directory; returns its path.
+
+  --overwrite replaces only an earlier export (never a run, an import or foreign files: maxlm.outputs)."""
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
   source = CheckpointTensors(checkpoint_path, step)
   cfg = source.config
-  st_dtype, np_name = DTYPES[dtype]
-  out_dtype = _np_dtype(np_name)
-  expected_shapes = _expected_shapes(cfg)
-  problems = checkpoint.describe_mismatch(checkpoint.flat_tree(expected_shapes),
+  out_dtype = _np_dtype(dtype)
+  problems = checkpoint.describe_mismatch(checkpoint.flat_tree(_expected_shapes(cfg)),
                                           checkpoint.flat_tree(source.shapes))
   if problems:
     raise ConversionError(f"checkpoint step {source.step} of {checkpoint_path} does not match its saved config: "
                           + "; ".join(problems))
   plan = hf_names.tensors(source.shapes)
-  with atomic_output(output, overwrite=overwrite) as tmp:
-    bos, eos, note = write_tokenizer(cfg, tmp)
+  with atomic_output(output, HF_EXPORT, overwrite=overwrite) as tmp:
+    bos, eos, note = export_tokenizer(cfg.data, tmp, vocab_size=cfg.model.vocab_size,
+                                      max_positions=cfg.model.max_positions)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config(cfg, dtype=dtype, bos_id=bos, eos_id=eos), f, indent=2)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
-    writer = SafetensorsShards(tmp, [(t.hf_name, t.shape, st_dtype) for t in plan], max_shard_bytes)
+    writer = SafetensorsShards(tmp, [(t.hf_name, t.shape) for t in plan], out_dtype.itemsize, max_shard_bytes)
     for t, array in hf_names.unstack(source.shapes, source.read):
       writer.write(t.hf_name, np.asarray(array).astype(out_dtype, copy=False))
     writer.close()
-    with open(os.path.join(tmp, "maxlm_export.json"), "w") as f:
+    with open(os.path.join(tmp, HF_EXPORT.marker), "w") as f:
       json.dump({"checkpoint": os.path.abspath(checkpoint_path), "step": source.step, "dtype": dtype,
                  "tokenizer": note}, f, indent=2)
   log(f"wrote {output}: {hf_names.ARCHITECTURES[cfg.model.family]}, step {source.step}, {dtype}, "
@@ -437,13 +319,9 @@ def _expected_shapes(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- from-hf
 
 
-def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = (),
-            overwrite: bool = False, log=print) -> Config:
-  """Imports an HF LLaMA / OLMo (v1) directory as a params-only maxlm checkpoint (step 0) under `output`.
-
-  The model section comes from the HF config.json; everything else from `config` (a preset or YAML, default
-  base settings) and `overrides`. For EMO runs with a fixed cost embedding, the output head is saved with it.
-  """
+def read_hf_config(model_dir: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+  """The maxlm config of an HF directory: the model section from its config.json, the rest from `config` (a preset
+  or YAML, default: base settings) and `overrides`."""
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
   config_path = os.path.join(model_dir, "config.json")
   if not os.path.isfile(config_path):
@@ -460,13 +338,19 @@ def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overri
     setattr(cfg.model, key, value)
   if cfg.train.seq_len > cfg.model.max_positions:
     cfg.train.seq_len = cfg.model.max_positions  # the preset's context cannot exceed the imported model's
-  cfg = finalize(cfg)
-  from maxlm.model import abstract_model  # pylint: disable=import-outside-toplevel
-  shapes = abstract_model(cfg.model)[1]
+  return finalize(cfg)
+
+
+def read_hf(model_dir: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = ()
+            ) -> tuple[Config, dict, dict]:
+  """(config, params as host numpy arrays, frozen entries) of an HF LLaMA / OLMo v1 directory, checked tensor by
+  tensor against its config.json; nothing is written. EMO's fixed cost embedding is the head at import."""
+  model_dir = os.path.abspath(os.path.expanduser(model_dir))
+  cfg = read_hf_config(model_dir, config=config, overrides=overrides)
+  shapes = _expected_shapes(cfg)
   source = HFTensors(model_dir)
   plan = hf_names.tensors(shapes)
-  wanted = {t.hf_name for t in plan}
-  available = set(source.names())
+  wanted, available = {t.hf_name for t in plan}, set(source.names())
   missing = sorted(wanted - available)
   if missing:
     raise ConversionError(f"{model_dir} lacks {len(missing)} tensor(s) its config.json implies: "
@@ -478,7 +362,7 @@ def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overri
     raise ConversionError(f"{model_dir} has tensors maxlm's {cfg.model.family} model has no place for "
                           f"(biases? another architecture?): {', '.join(unexpected[:6])}")
   for t in plan:
-    shape = tuple(source.read(t.hf_name).shape)
+    shape = source.shape(t.hf_name)
     if shape != t.shape:
       what = "vocab mismatch: " if t.key[0] in ("embed", "lm_head") else ""
       raise ConversionError(f"{what}tensor {t.hf_name} has shape {shape} but config.json implies {t.shape} "
@@ -488,21 +372,31 @@ def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overri
   if cfg.loss.objective == "emo" and cfg.loss.cost_embedding == "fixed":
     head = params["embed"] if cfg.model.tie_embeddings else params["lm_head"].T
     extras["cost_embedding"] = np.array(head, dtype=np.float32)  # (V, D): the head at import, never trained
+  main_file = next((f for f in ("tokenizer.json", "tokenizer.model") if os.path.isfile(os.path.join(model_dir, f))),
+                   None)
+  if main_file and not cfg.data.tokenizer:
+    cfg.data.tokenizer = os.path.join(model_dir, main_file)
+  return cfg, params, extras
+
+
+def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = (),
+            overwrite: bool = False, log=print) -> Config:
+  """Imports an HF LLaMA / OLMo (v1) directory as a params-only maxlm checkpoint (step 0) under `output`, with its
+  tokenizer files copied into output/tokenizer/. --overwrite replaces only an earlier import."""
+  model_dir = os.path.abspath(os.path.expanduser(model_dir))
+  cfg, params, extras = read_hf(model_dir, config=config, overrides=overrides)
   output_abs = os.path.abspath(os.path.expanduser(output))
-  with atomic_output(output_abs, overwrite=overwrite) as tmp:
-    tok_dir = os.path.join(tmp, "tokenizer")
-    copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, f))]
+  with atomic_output(output_abs, HF_IMPORT, overwrite=overwrite) as tmp:
+    copied = [f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, f))]
     if copied:
-      os.makedirs(tok_dir)
+      os.makedirs(os.path.join(tmp, "tokenizer"))
       for f in copied:
-        shutil.copy(os.path.join(model_dir, f), os.path.join(tok_dir, f))
-      if not cfg.data.tokenizer:
-        main_file = "tokenizer.json" if "tokenizer.json" in copied else "tokenizer.model"
-        if main_file in copied:
-          cfg.data.tokenizer = os.path.join(output_abs, "tokenizer", main_file)
+        shutil.copy(os.path.join(model_dir, f), os.path.join(tmp, "tokenizer", f))
+      if cfg.data.tokenizer.startswith(model_dir + os.sep):  # the run keeps its own copy of the tokenizer
+        cfg.data.tokenizer = os.path.join(output_abs, "tokenizer", os.path.basename(cfg.data.tokenizer))
     cfg.run.dir = output_abs
     checkpoint.save_params(tmp, cfg, params, extras=extras, step=0)
-    with open(os.path.join(tmp, "maxlm_import.json"), "w") as f:
+    with open(os.path.join(tmp, HF_IMPORT.marker), "w") as f:
       json.dump({"source": model_dir, "architecture": hf_names.ARCHITECTURES[cfg.model.family],
                  "extras": sorted(extras)}, f, indent=2)
   log(f"wrote {output_abs}: {hf_names.ARCHITECTURES[cfg.model.family]} from {model_dir}"
@@ -514,23 +408,31 @@ def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overri
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m maxlm.convert", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("to-hf", help="maxlm checkpoint -> Hugging Face directory")
-  p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
-  p.add_argument("--step", type=int, default=None, help="default: the latest finalised step")
-  p.add_argument("--output", required=True)
-  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-  p.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_BYTES // 2 ** 20)
-  p.add_argument("--overwrite", action="store_true")
+  p = sub.add_parser("to-hf", help="maxlm checkpoint -> Hugging Face directory (config.json, safetensors, tokenizer)")
+  p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/ (a training run, an import "
+                                                      "or a derived checkpoint)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the latest finalised)")
+  p.add_argument("--output", required=True, help="new directory for the HF model (written atomically)")
+  p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the exported weights")
+  p.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_BYTES // 2 ** 20,
+                 help="largest safetensors shard in MiB; export holds one shard in host memory at a time")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace --output if it is an earlier maxlm export (anything else is refused)")
   p = sub.add_parser("from-hf", help="Hugging Face LLaMA / OLMo directory -> maxlm checkpoint")
-  p.add_argument("--model", required=True, help="local HF model directory")
-  p.add_argument("--output", required=True, help="new run directory")
+  p.add_argument("--model", required=True, help="local HF model directory (config.json + safetensors or .bin)")
+  p.add_argument("--output", required=True, help="new run directory for the params-only checkpoint")
   p.add_argument("--config", default=None, help="preset or YAML for everything but the model (default: base)")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace --output if it is an earlier maxlm import (anything else is refused)")
   p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. loss.objective=emo")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
 
   def body():
     if args.command == "to-hf":
@@ -541,6 +443,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               overwrite=args.overwrite)
 
   return cli_exit_code(body)
+
 
 if __name__ == "__main__":
   sys.exit(main())

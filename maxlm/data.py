@@ -1,6 +1,6 @@
-"""`python -m maxlm.data`: prepare raw corpora into a token store, or inspect one.
+"""`python -m maxlm.data`: prepare raw corpora into a token store, inspect one, or write PCFG downstream tasks.
 
-Thin CLI over maxlm.data_pipelines.prepare / inspect_store; user errors print their fix and exit non-zero.
+Thin CLI over maxlm.data_pipelines.prepare / inspect_store / pcfg_tasks; user errors print their fix and exit 2.
 """
 
 from __future__ import annotations
@@ -32,6 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
   i = sub.add_parser("inspect", help="per-domain counts, bad records and decoded samples of a store")
   i.add_argument("store")
   i.add_argument("--sample-tokens", type=int, default=48)
+  t = sub.add_parser(
+      "pcfg-tasks", help="labelled PCFG sentences (seed 003's downstream tasks A/B/C) as CSV text,label",
+      description="Sentences of more than 4 words sampled from a grammar, each labelled by the nonterminal with the "
+      "largest inside probability of a span (ties: first name in sorted order). A: the whole sentence, over the "
+      "start symbol's unary children (IB's S1..Sn; builtin:demo's start symbol has none, so A is refused there: "
+      "use builtin:ib_demo or an IB rule file); B: span [0,4) and C: span [0,2), over all nonterminals.")
+  t.add_argument("--grammar", default="builtin:demo",
+                 help="builtin:NAME, a rule file path, or ib:PATH / maxlm:PATH to force its format (default: "
+                 "builtin:demo)")
+  t.add_argument("--task", required=True, choices=("A", "B", "C"), help="which span and label set (see above)")
+  t.add_argument("--num", type=int, required=True, help="number of sentences (rows)")
+  t.add_argument("--seed", type=int, default=0, help="sampling seed (default 0); rows are a prefix-stable stream")
+  t.add_argument("--max-words", type=int, default=31,
+                 help="longest sentence kept (default 31, as IB's --length-limit 32)")
+  t.add_argument("--skip-underived", action="store_true",
+                 help="leave out sentences whose span no candidate nonterminal derives (otherwise they get the tie "
+                 "label, the first name in sorted order; the summary counts them)")
+  t.add_argument("--output", required=True, help="CSV file to write (columns text,label)")
   return parser
 
 
@@ -45,8 +63,15 @@ def main(argv=None) -> int:
                              domain_key=args.domain_key, default_domain=args.default_domain,
                              validation_fraction=args.validation_fraction, workers=args.workers,
                              separator=args.separator, keep_parts=args.keep_parts, progress=not args.quiet)
-    else:
+    elif args.command == "inspect":
       print(data_pipelines.inspect_store(args.store, sample_tokens=args.sample_tokens))
+    else:
+      from maxlm.data_pipelines import pcfg_tasks  # pylint: disable=import-outside-toplevel
+      pcfg_tasks.check_output(args.output)
+      task = pcfg_tasks.make_task(data_pipelines.load_grammar(args.grammar), args.task, args.num, args.seed,
+                                  max_words=args.max_words, skip_underived=args.skip_underived)
+      pcfg_tasks.write_csv(args.output, task.rows)
+      print(pcfg_tasks.summarize(task, args.output), file=sys.stderr)
 
   return cli_exit_code(body)
 

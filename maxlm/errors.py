@@ -31,11 +31,27 @@ class TrainingDivergedError(MaxlmError):
   """The loss or gradient became NaN/Inf."""
 
 
+def _close_progress_bars() -> None:
+  """Ends any open tqdm bar so that what follows starts on its own line."""
+  try:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  for bar in list(getattr(tqdm, "_instances", ())):
+    bar.close()
+
+
 def cli_exit_code(body: Callable[[], Any]) -> int:
-  """Runs a CLI's body: 0 when it returns, 2 (after printing the message, no traceback) on a MaxlmError."""
+  """Runs a CLI's body: 0 when it returns, 2 (after printing the message, no traceback) on a MaxlmError, 130 on
+  Ctrl-C outside the training loop (which handles it itself)."""
   try:
     body()
   except MaxlmError as e:
-    print(f"maxlm: error: {e}", file=sys.stderr)
+    _close_progress_bars()
+    print(f"\nmaxlm: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    _close_progress_bars()
+    print("\nmaxlm: interrupted", file=sys.stderr)
+    return 130
   return 0

@@ -5,13 +5,12 @@ run's own held-out data, and lm-evaluation-harness on the exported HF model (cac
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -19,65 +18,9 @@ from maxlm import checkpoint
 from maxlm.config import Config
 from maxlm.errors import DataError, MaxlmError, cli_exit_code
 
-DEFAULT_DOMAIN = "all"
 
 
-# ----------------------------------------------------------------------------- tokenizer and text files
-
-
-def run_encoder(cfg: Config) -> tuple[Callable[[list[str]], list[list[int]]], int]:
-  """(encode_batch, separator id) of the tokenizer a run trained with; a DataError when none is known."""
-  from maxlm.convert import _run_tokenizer  # pylint: disable=import-outside-toplevel
-  kind, what = _run_tokenizer(cfg)
-  if kind == "file":
-    from maxlm.data_pipelines.tokenization import TextTokenizer  # pylint: disable=import-outside-toplevel
-    tok = TextTokenizer(what)
-    return tok.encode_batch, tok.separator_id
-  if kind == "tokenizer":  # the PCFG's word-level vocabulary
-    from maxlm.data_pipelines.pcfg import load_grammar  # pylint: disable=import-outside-toplevel
-    grammar = load_grammar(cfg.data.grammar)
-    return (lambda texts: [grammar.encode(t) for t in texts]), grammar.separator_id
-  raise DataError(f"cannot tokenize text for this checkpoint: {what}. Set data.tokenizer in the run's config "
-                  "or evaluate on a token store instead")
-
-
-def _field(record: dict, dotted: str) -> Any:
-  for part in dotted.split("."):
-    if not isinstance(record, dict) or part not in record:
-      return None
-    record = record[part]
-  return record
-
-
-def read_documents(path: str, *, text_field: str = "text", domain_field: str = "") -> dict[str, list[str]]:
-  """{domain: [document]} of a JSONL file (one record per line; domain from a field path such as
-  meta.pile_set_name, else 'all') or a plain text file (one document per line). .gz allowed."""
-  opener = gzip.open if path.endswith(".gz") else open
-  name = path[:-3] if path.endswith(".gz") else path
-  docs: dict[str, list[str]] = {}
-  try:
-    with opener(path, "rt", encoding="utf-8") as f:
-      if name.endswith((".jsonl", ".json")):
-        for i, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except ValueError as e:
-            raise DataError(f"{path}:{i} is not a JSON record: {e}") from None
-          text = _field(record, text_field) if isinstance(record, dict) else None
-          if not isinstance(text, str):
-            raise DataError(f"{path}:{i} has no string field {text_field!r}; pass --text-field")
-          fields = [domain_field] if domain_field else ["domain", "meta.pile_set_name"]
-          domain = next((str(d) for d in (_field(record, k) for k in fields) if d is not None), DEFAULT_DOMAIN)
-          docs.setdefault(domain, []).append(text)
-      else:
-        docs[DEFAULT_DOMAIN] = [line.rstrip("\n") for line in f if line.strip()]
-  except OSError as e:
-    raise DataError(f"cannot read {path}: {e}") from None
-  if not docs:
-    raise DataError(f"{path} holds no documents")
-  return docs
+# ----------------------------------------------------------------------------- text files
 
 
 def text_batches(docs: dict[str, list[str]], encode, separator_id: int, *, seq_len: int, batch_size: int,
@@ -106,7 +49,7 @@ def make_loss_fn(cfg: Config, compute_dtype: str):
   """jit(params, batch) -> (sum of token CE, valid token count), never materialising the (N, V) logits."""
   import jax  # pylint: disable=import-outside-toplevel
   from maxlm import model as model_lib  # pylint: disable=import-outside-toplevel
-  from maxlm.train import output_loss  # pylint: disable=import-outside-toplevel
+  from maxlm.step import output_loss  # pylint: disable=import-outside-toplevel
 
   graphdef = model_lib.abstract_model(cfg.model)[0]
 
@@ -159,8 +102,10 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
     raise DataError(f"--seq-len {seq_len} exceeds the model's max_positions {cfg.model.max_positions}")
   t0 = time.perf_counter()
   if data and os.path.isfile(data):
-    encode, sep = run_encoder(cfg)
-    docs = read_documents(data, text_field=text_field, domain_field=domain_field)
+    from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel
+    from maxlm.data_pipelines.tokenization import run_encoder  # pylint: disable=import-outside-toplevel
+    encode, sep, _ = run_encoder(cfg.data)
+    docs = collect_documents(data, text_key=text_field, domain_key=domain_field, log=log)
     batches = text_batches(docs, encode, sep, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
                            document_masking=cfg.data.document_masking)
   else:

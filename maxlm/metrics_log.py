@@ -1,6 +1,5 @@
-"""Run metrics on disk: `run_dir/metrics.jsonl` (one strict-JSON line per logged step) and TensorBoard scalars.
-
-Owns the dependency-free TensorBoard event-file writer (TFRecord framing, CRC32C, hand-encoded Event protos).
+"""Run metrics behind one tracker interface: `run_dir/metrics.jsonl` (strict JSON lines, always), TensorBoard
+(tensorboardX) and Weights & Biases (when configured). The loop logs to a MetricsLogger and never asks which is on.
 """
 
 from __future__ import annotations
@@ -9,99 +8,27 @@ import json
 import math
 import numbers
 import os
-import socket
-import struct
+import secrets
 import time
-from typing import Any
+from typing import Any, Optional, Protocol
 
-from maxlm.errors import DataError
+from maxlm.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
+class Tracker(Protocol):
+  """Where metrics go. `resume_at(step)`: records after `step` came from a run that crashed; forget them."""
+
+  def log(self, step: int, metrics: dict[str, float]) -> None: ...
+  def resume_at(self, step: int) -> None: ...
+  def close(self) -> None: ...
 
 
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), the checksum TFRecord framing uses."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-  value &= (1 << 64) - 1  # int64 on the wire: negatives are 10-byte two's complement
-  out = bytearray()
-  while value > 0x7F:
-    out.append((value & 0x7F) | 0x80)
-    value >>= 7
-  out.append(value)
-  return bytes(out)
-
-
-def _bytes_field(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(field: int, payload: bytes, step: int | None = None) -> bytes:
-  """A tensorflow.Event: wall_time (1), step (2) and one of file_version (3), summary (5), session_log (7)."""
-  out = _varint(1 << 3 | 1) + struct.pack("<d", time.time())
-  if step is not None:
-    out += _varint(2 << 3 | 0) + _varint(step)
-  return out + _bytes_field(field, payload)
-
-
-class EventFileWriter:
-  """Writes `logdir/events.out.tfevents.<time>.<hostname>`, readable by TensorBoard without TensorFlow."""
-
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}")
-    # Append, never clobber: a restart within the same second reuses the name.
-    self._file = open(self.path, "ab")
-    self._write(_event(3, b"brain.Event:2"))
-    self.flush()
-
-  def _write(self, payload: bytes) -> None:
-    header = struct.pack("<Q", len(payload))
-    self._file.write(header + struct.pack("<I", masked_crc32c(header)))
-    self._file.write(payload + struct.pack("<I", masked_crc32c(payload)))
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    summary = b"".join(
-      _bytes_field(1, _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(v)))
-      for tag, v in values.items())
-    self._write(_event(5, summary, step=int(step)))
-
-  def restart_at(self, step: int) -> None:
-    """Writes SessionLog START at `step`: TensorBoard then drops the earlier events with step >= `step`."""
-    start = _varint(1 << 3 | 0) + _varint(1)  # SessionLog.status = START
-    self._write(_event(7, start, step=int(step)))
-
-  def flush(self) -> None:
-    self._file.flush()
-
-  def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
+# ----------------------------------------------------------------------------- metrics.jsonl
 
 
 def _jsonable(value: Any) -> int | float | str:
@@ -139,26 +66,15 @@ def read_metrics(run_dir: str) -> list[dict]:
           for _, record in _read_lines(path)]
 
 
-class MetricsLogger:
-  """Appends `{"step": S, **metrics}` to `run_dir/metrics.jsonl` and the same scalars to TensorBoard.
+class JsonlTracker:
+  """Appends `{"step": S, **metrics}` lines, flushed as written. Non-finite floats are the strings "NaN",
+  "Infinity", "-Infinity" so every line stays strict JSON (jq, pandas); `read_metrics` turns them back."""
 
-  Only the primary process writes. On resume from checkpoint step S, call `truncate_after(S)` before
-  logging, so the steps re-run after a crash are not recorded twice. Each line is flushed as written.
-  Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity" so every line stays strict
-  JSON (jq, pandas, other languages); `read_metrics` turns them back into floats.
-  """
-
-  def __init__(self, run_dir: str, *, tensorboard: bool = True, is_primary: bool = True):
-    self.path = os.path.join(run_dir, METRICS_FILE)
-    self._file = None
-    self._events = None
-    if not is_primary:
-      return
+  def __init__(self, run_dir: str):
     os.makedirs(run_dir, exist_ok=True)
+    self.path = os.path.join(run_dir, METRICS_FILE)
     self._drop_torn_tail()
     self._file = open(self.path, "a", buffering=1, encoding="utf-8")
-    if tensorboard:
-      self._events = EventFileWriter(os.path.join(run_dir, TENSORBOARD_DIR))
 
   def _drop_torn_tail(self) -> None:
     if not os.path.exists(self.path):
@@ -168,22 +84,12 @@ class MetricsLogger:
       if data and not data.endswith(b"\n"):
         f.truncate(data.rfind(b"\n") + 1)
 
-  def log(self, step: int, metrics: dict[str, Any]) -> None:
-    if self._file is None:
-      return
-    if "step" in metrics:
-      raise ValueError("'step' is the record key, not a metric name")
+  def log(self, step: int, metrics: dict[str, float]) -> None:
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
-    if self._events is not None:
-      self._events.scalars(step, {k: float(v) for k, v in metrics.items()})
-      self._events.flush()
 
-  def truncate_after(self, step: int) -> None:
-    """Drops the records with step > `step` (and hides those TensorBoard events), e.g. after a resume."""
-    if self._file is None:
-      return
+  def resume_at(self, step: int) -> None:
     self._file.close()
     kept = [line + "\n" for line, record in _read_lines(self.path) if record["step"] <= step]
     tmp = self.path + ".tmp"
@@ -191,14 +97,108 @@ class MetricsLogger:
       f.writelines(kept)
     os.replace(tmp, self.path)
     self._file = open(self.path, "a", buffering=1, encoding="utf-8")
-    if self._events is not None:
-      self._events.restart_at(step + 1)
-      self._events.flush()
 
   def close(self) -> None:
-    if self._file is not None:
+    if not self._file.closed:
       self._file.close()
-      self._file = None
-    if self._events is not None:
-      self._events.close()
-      self._events = None
+
+
+# ----------------------------------------------------------------------------- TensorBoard, W&B
+
+
+class TensorBoardTracker:
+  """Scalars in `run_dir/tensorboard/events.out.tfevents.*` through tensorboardX."""
+
+  def __init__(self, run_dir: str):
+    self.logdir = os.path.join(run_dir, TENSORBOARD_DIR)
+    self._writer = None
+
+  def _open(self, purge_step: Optional[int] = None):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    # purge_step writes SessionLog START: TensorBoard then drops earlier events with step >= purge_step. The
+    # nanosecond suffix keeps two sessions started within one second from sharing (and clobbering) a file, and
+    # keeps the files in time order within that second.
+    self._writer = SummaryWriter(self.logdir, purge_step=purge_step, flush_secs=5,
+                                 filename_suffix=f".{time.time_ns()}")
+
+  def log(self, step: int, metrics: dict[str, float]) -> None:
+    if self._writer is None:
+      self._open()
+    for tag, value in metrics.items():
+      self._writer.add_scalar(tag, float(value), global_step=int(step))
+
+  def resume_at(self, step: int) -> None:
+    if self._writer is not None:
+      self._writer.close()
+    self._open(purge_step=int(step) + 1)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+class WandbTracker:
+  """Weights & Biases: one W&B run per run directory (its id is kept in run_dir, so a resumed run continues it).
+  WANDB_MODE=offline (or `wandb offline`) writes under run_dir/wandb without a network."""
+
+  def __init__(self, run_dir: str, project: str, config: Optional[dict] = None):
+    try:
+      import wandb  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError(f"run.wandb_project = {project!r} needs Weights & Biases: pip install 'maxlm[wandb]' "
+                        "(or set run.wandb_project='')") from None
+    id_file = os.path.join(run_dir, "wandb_run_id")
+    if os.path.exists(id_file):
+      with open(id_file) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(4)  # W&B run ids: short lowercase alphanumerics
+      os.makedirs(run_dir, exist_ok=True)
+      with open(id_file, "w") as f:
+        f.write(run_id)
+    self._run = wandb.init(project=project, id=run_id, resume="allow", dir=run_dir, config=config,
+                           name=os.path.basename(os.path.abspath(run_dir)), reinit="create_new")
+
+  def log(self, step: int, metrics: dict[str, float]) -> None:
+    self._run.log({k: float(v) for k, v in metrics.items()}, step=int(step))
+
+  def resume_at(self, step: int) -> None:
+    pass  # W&B ignores steps at or below the ones it has; later steps overwrite nothing
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+# ----------------------------------------------------------------------------- the logger
+
+
+class MetricsLogger:
+  """Sends `log(step, metrics)` to every tracker. Only the primary process writes; after a resume from checkpoint
+  step S, `truncate_after(S)` drops what the crashed run logged past S so no step is recorded twice."""
+
+  def __init__(self, run_dir: str, *, tensorboard: bool = True, is_primary: bool = True, wandb_project: str = "",
+               config: Optional[dict] = None):
+    self.trackers: list[Tracker] = []
+    if not is_primary:
+      return
+    self.trackers.append(JsonlTracker(run_dir))
+    if tensorboard:
+      self.trackers.append(TensorBoardTracker(run_dir))
+    if wandb_project:
+      self.trackers.append(WandbTracker(run_dir, wandb_project, config))
+
+  def log(self, step: int, metrics: dict[str, Any]) -> None:
+    if "step" in metrics:
+      raise ValueError("'step' is the record key, not a metric name")
+    for tracker in self.trackers:
+      tracker.log(step, metrics)
+
+  def truncate_after(self, step: int) -> None:
+    for tracker in self.trackers:
+      tracker.resume_at(step)
+
+  def close(self) -> None:
+    for tracker in self.trackers:
+      tracker.close()
+    self.trackers = []

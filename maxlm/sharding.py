@@ -45,14 +45,20 @@ def make_mesh(shape: Sequence[int], devices: Optional[Sequence[jax.Device]] = No
 
 
 def logical_to_spec(axes: Optional[Sequence[Optional[str]]]) -> P:
+  """PartitionSpec of logical axis names through RULES; a mesh axis mapped by two dimensions is a ValueError (it
+  can shard only one: the rules table or the axis names are wrong)."""
   if axes is None:
     return P()
-  spec, used = [], set()
+  spec, used = [], {}
   for name in axes:
+    if name is not None and name not in RULES:
+      raise ValueError(f"logical axis {name!r} has no rule in maxlm.sharding.RULES")
     mapped = RULES[name] if name is not None else None
     parts = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
-    parts = tuple(a for a in parts if a not in used)  # a mesh axis may shard only one dimension
-    used.update(parts)
+    for a in parts:
+      if a in used:
+        raise ValueError(f"logical axes {tuple(axes)}: mesh axis {a!r} would shard both {used[a]!r} and {name!r}")
+      used[a] = name
     spec.append(parts[0] if len(parts) == 1 else (parts or None))
   return P(*spec)
 

@@ -16,7 +16,7 @@ from maxlm.errors import CheckpointError, ConversionError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# vocab 384 holds the demo PCFG's word-level tokenizer (374 tokens), which to-hf exports with the model.
+# vocab 384 holds the demo PCFG's word-level tokenizer (375 tokens with <unk>), which to-hf exports with the model.
 TINY = ["model.layers=2", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.ffn=64",
         "model.vocab_size=384", "model.max_positions=64", "model.rope_theta=500.0", "model.init_std=0.1",
         "train.seq_len=16", "train.global_batch=4"]
@@ -186,7 +186,7 @@ def test_export_errors_leave_nothing(tmp_path, exported):
     convert.to_hf(str(root / "run"), str(root / "hf"))
   # A failure midway (here: a tokenizer too large for the model) removes the partial output.
   cfg, _ = tiny_run(tmp_path / "small_vocab", ["model.vocab_size=64"])
-  with pytest.raises(ConversionError, match="tokenizer has 374 tokens but the model's vocab_size is 64"):
+  with pytest.raises(ConversionError, match="tokenizer has 375 tokens but the model's vocab_size is 64"):
     convert.to_hf(str(tmp_path / "small_vocab"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
   # A corrupt checkpoint (a data file deleted) is a CheckpointError, not a half-written export.

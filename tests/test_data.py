@@ -447,3 +447,50 @@ def test_worker_processes_give_the_same_batches_and_resume(store):
     again.set_state(state)
     for x in expected[3:]:
       np.testing.assert_array_equal(next(again)["inputs"], x)
+
+
+def _write_no_documents(path, kind):
+  """An input that yields no documents; returns its bad records by reason, as the reader must count them."""
+  if kind == "empty .jsonl":
+    path.write_bytes(b"")
+    return {}
+  if kind == "0-byte .gz":
+    path.write_bytes(b"")
+    return {}
+  path.write_text('{not json\n{"text": 5}\n\n["a list"]\n{"body": "al1"}\n{also not json\n')
+  return {"malformed JSON": 2, "text field 'text' is not a string": 1, "not a JSON object": 1,
+          "missing text field 'text'": 1}
+
+
+@pytest.mark.parametrize("kind,name", [("empty .jsonl", "e.jsonl"), ("0-byte .gz", "e.jsonl.gz"),
+                                       ("only malformed records", "bad.jsonl")])
+def test_input_without_documents_is_an_error(corpus, tmp_path, capsys, kind, name):
+  path = tmp_path / name
+  bad = _write_no_documents(path, kind)
+  out = tmp_path / "st"
+  with pytest.raises(DataError) as err:
+    prepare(str(path), corpus.word, str(out), workers=1, progress=False)
+  msg = str(err.value)
+  assert "gave no documents" in msg and str(path) in msg and "Fix:" in msg and "--text-key" in msg
+  for reason, n in bad.items():
+    assert f"{n} {reason}" in msg
+  if not bad:
+    assert "empty: no records" in msg
+  assert not (out / "manifest.json").exists() and not (out / "_parts").exists()
+  args = ["prepare", "--input", str(path), "--tokenizer", corpus.word, "--output", str(out), "--quiet"]
+  assert data_cli.main(args) == 2 and "gave no documents" in capsys.readouterr().err
+  # Fixing the input and re-running the same command works: nothing stale was left behind.
+  line = json.dumps({"text": "al1 al2"}) + "\n"
+  path.write_bytes(gzip.compress(line.encode()) if name.endswith(".gz") else line.encode())
+  assert data_cli.main(args) == 0
+  assert json.load(open(out / "manifest.json"))["totals"]["documents"] == 1
+
+
+def test_one_empty_file_among_others_is_a_warning(corpus, tmp_path, capsys):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  (raw / "empty.jsonl").write_bytes(b"")
+  (raw / "good.jsonl").write_text(json.dumps({"text": "al1 al2"}) + "\n")
+  m = prepare(str(raw / "*"), corpus.word, str(tmp_path / "st"), workers=1, progress=True)
+  assert m["totals"]["documents"] == 1
+  assert f"warning: {raw / 'empty.jsonl'} gave no documents (empty: no records)" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import pytest
 
 from maxlm import checkpoint, evaluate, losses, model
 from maxlm.config import load_config
+from maxlm.data_pipelines.raw_records import collect_documents
+from maxlm.data_pipelines.tokenization import run_encoder
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TINY = ["model.layers=2", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.ffn=64",
@@ -34,8 +36,8 @@ def test_jsonl_loss_per_domain_matches_reference(run):
   assert os.path.isfile(report["output"])
   assert json.load(open(report["output"]))["domains"] == report["domains"]
   # Reference: the same windows through the model's fp32 logits and maxlm.losses.cross_entropy.
-  encode, sep = evaluate.run_encoder(cfg)
-  docs = evaluate.read_documents(os.path.join(DATA, "pcfg_docs.jsonl"))
+  encode, sep, _ = run_encoder(cfg.data)
+  docs = collect_documents(os.path.join(DATA, "pcfg_docs.jsonl"))
   graphdef = model.abstract_model(cfg.model)[0]
 
   @jax.jit
@@ -76,10 +78,13 @@ def test_cli_errors_exit_2(run, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   assert evaluate.main(["--checkpoint", str(root), "--step", "5"]) == 2
   assert "available steps: 0" in capsys.readouterr().err
-  bad = tmp_path / "unknown_words.txt"
-  bad.write_text("colourless green ideas\n")
-  assert evaluate.main(["--checkpoint", str(root), "--data", str(bad)]) == 2
-  assert "is not a terminal of the grammar" in capsys.readouterr().err
+  assert evaluate.main(["--checkpoint", str(root), "--data", str(tmp_path / "missing.jsonl")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  # Words outside the grammar are the tokenizer's <unk> (issue 14): text from anywhere evaluates.
+  unknown = tmp_path / "unknown_words.txt"
+  unknown.write_text("colourless green ideas\n")
+  assert evaluate.main(["--checkpoint", str(root), "--data", str(unknown), "--output", str(tmp_path / "u.json")]) == 0
+  assert json.load(open(tmp_path / "u.json"))["domains"]["all"]["tokens"] == 3
 
 
 def test_lm_eval_harness_end_to_end(run, tmp_path, monkeypatch):

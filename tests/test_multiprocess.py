@@ -29,7 +29,9 @@ if role == "worker":
     sys.exit(3)
 
 from jax.experimental import multihost_utils
-from maxlm import sharding, train
+from maxlm import optim, plan, sharding, train
+from maxlm import state as state_lib
+from maxlm import step as step_lib
 from maxlm.config import load_config
 
 TINY = ["model.vocab_size=64", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
@@ -67,9 +69,9 @@ for case in CASES:
   cfg = load_config("demo", TINY + [f"loss.objective={case['objective']}", f"loss.impl={case['impl']}",
                                     f"train.microbatches={case['micro']}", f"mesh.data={shape[0]}",
                                     f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"], num_devices=len(devices))
-  setup = train.build(cfg, sharding.make_mesh(shape, devices))
-  step, _ = train.make_train_step(setup)
-  state = train.init_state(setup)
+  setup = state_lib.layout(cfg, sharding.make_mesh(shape, devices))
+  step, _ = step_lib.make_train_step(setup)
+  state = state_lib.init_state(setup)
   losses, rows, placed = [], None, True
   for b in global_batches(case["seed"]):
     rows = local_rows(setup.mesh, b["inputs"].shape)

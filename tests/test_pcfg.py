@@ -1,11 +1,15 @@
-"""PCFG corpus: parsing and validation, sampler vs inside probabilities, inside vs brute-force enumeration,
-exact and estimated entropy rates, the word tokenizer, and the grain source built on it."""
+"""PCFG corpus: parsing and validation of maxlm's and IB's rule formats, sampler vs inside probabilities, inside vs
+brute-force enumeration, exact and estimated entropy rates, the word tokenizer (unknown words, HF export), and the
+grain source built on it."""
 
 import collections
 import functools
 import itertools
 import math
+import os
 import types
+
+import yaml
 
 import numpy as np
 import pytest
@@ -173,6 +177,8 @@ def test_parse_errors_are_clear():
     pcfg.parse_grammar("S a x")
   with pytest.raises(DataError, match="duplicate rule"):
     pcfg.parse_grammar("S a 0.5\nS a 0.5")
+  with pytest.raises(DataError, match="duplicate rule S a .*format: ib"):  # maxlm's own format rejects duplicates
+    pcfg.parse_grammar("S a 0.5\nS a 0.5", format="maxlm")
   with pytest.raises(DataError, match="sum to 1"):
     pcfg.parse_grammar("S a 0.5\nS b 0.4", strict=True)
   with pytest.raises(DataError, match="not consistent"):
@@ -188,7 +194,7 @@ def test_parse_errors_are_clear():
 
 def test_tokenizer_ids_are_stable_and_round_trip():
   g = pcfg.parse_grammar(TINY)
-  assert g.vocab == ["<eos>", "a", "b", "c"] and g.separator_id == 0
+  assert g.vocab == ["<eos>", "a", "b", "c", "<unk>"] and g.separator_id == 0
   assert g.decode(g.encode("a b c")) == "a b c"
   hf = g.to_hf_tokenizer()
   assert hf.encode("a b c").ids == g.encode("a b c")
@@ -273,3 +279,159 @@ def test_pcfg_finite_corpus_and_eval_are_disjoint_streams():
   ev_rows = {tuple(r) for b in ev["pcfg"] for r in b["inputs"]}
   assert not ev_rows & epoch
   it.close()
+
+
+# ------------------------------------------------------------------------------------ IB's rule format (seed 003)
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+IB_TINY = os.path.join(DATA, "pcfg_ib_tiny.txt")  # IB's format, no header, three duplicate lines, finite language
+
+
+def _ib_reference_rules(path):
+  """Independent reading of IB's loader (pcfg/generate_downstream.py): 3 fields are unary when the LHS starts with
+  'S', else a word; 4 fields binary; duplicate lines summed; then each LHS normalised. Words are tagged ('w', x)."""
+  summed = {}
+  for line in open(path):
+    f = line.split()
+    if len(f) == 3:
+      rhs = (f[1],) if f[0][0] == "S" else (("w", f[1]),)
+    else:
+      rhs = (f[1], f[2])
+    summed[(f[0], rhs)] = summed.get((f[0], rhs), 0.0) + float(f[-1])
+  totals = collections.Counter()
+  for (lhs, _), p in summed.items():
+    totals[lhs] += p
+  rules = collections.defaultdict(list)
+  for (lhs, rhs), p in summed.items():
+    if p > 0:
+      rules[lhs].append((rhs, p / totals[lhs]))
+  return rules
+
+
+def _yields(rules, sym, memo=None):
+  """{word tuple: P(sym =>* words)} by enumerating every derivation of a finite grammar."""
+  memo = {} if memo is None else memo
+  if isinstance(sym, tuple):
+    return {(sym[1],): 1.0}
+  if sym not in memo:
+    table = collections.Counter()
+    for rhs, p in rules[sym]:
+      combos = [((), p)]  # a list: two splits of one rule can give the same words
+      for s in rhs:
+        combos = [(w + w2, q * q2) for w, q in combos for w2, q2 in _yields(rules, s, memo).items()]
+      for w, q in combos:
+        table[w] += q
+    memo[sym] = dict(table)
+  return memo[sym]
+
+
+def test_ib_format_sums_duplicates_and_matches_brute_force():
+  g = pcfg.load_grammar(IB_TINY)
+  assert g.format == "ib" and g.start == "S" and g.merged_duplicates == 3
+  assert any("merged 3 duplicate lines" in n for n in g.notes)
+  table = _yields(_ib_reference_rules(IB_TINY), "S")
+  assert math.isclose(sum(table.values()), 1.0, rel_tol=1e-12)
+  sentences = list(table)
+  got = g.sentence_logprobs([g.encode(" ".join(s)) for s in sentences])
+  np.testing.assert_allclose(got, np.log([table[s] for s in sentences]), rtol=1e-12)
+  # The true entropy of the finite language, exactly, against the enumeration.
+  p = np.array(list(table.values()))
+  rep = g.entropy()
+  assert rep.exact and math.isclose(rep.sentence_entropy, float(-(p * np.log(p)).sum()), rel_tol=1e-12)
+  mean_len = sum(q * len(s) for s, q in table.items())
+  assert math.isclose(rep.entropy_per_token, rep.sentence_entropy / (mean_len + 1), rel_tol=1e-12)
+  # Sampling follows the summed probabilities (chi-square over the 20 likeliest sentences, the rest pooled).
+  n = 20000
+  counts = collections.Counter(tuple(g.decode(s).split()) for s in g.sample_sentences(n, seed=4)[0])
+  assert set(counts) <= set(table)
+  top = sorted(table, key=table.get, reverse=True)[:20]
+  obs = np.array([counts[s] for s in top] + [n - sum(counts[s] for s in top)])
+  exp = np.array([table[s] * n for s in top] + [n * (1 - sum(table[s] for s in top))])
+  assert float(((obs - exp) ** 2 / exp).sum()) < 50.0  # chi-square(20 dof) quantile 1 - 1e-5 is about 49
+
+
+WORD_LIKE_NONTERMINAL = """S S1 1.0
+S1 A A 1.0
+A B 0.5
+A b 0.5
+B b 1.0
+"""
+
+
+def test_format_is_chosen_by_argument_spec_header_or_duplicates(tmp_path):
+  # `A B` is a word rule in IB's format (LHS not 'S'), a unary rule onto the nonterminal B in maxlm's.
+  ib = pcfg.parse_grammar(WORD_LIKE_NONTERMINAL, format="ib")
+  assert ib.vocab == ["<eos>", "B", "b", "<unk>"]
+  assert math.isclose(ib.sentence_logprob(ib.encode("B b")), math.log(0.25))
+  mx = pcfg.parse_grammar(WORD_LIKE_NONTERMINAL)  # no header, no duplicates: maxlm's format
+  assert mx.format == "maxlm" and mx.vocab == ["<eos>", "b", "<unk>"]
+  assert math.isclose(mx.sentence_logprob(mx.encode("b b")), 0.0, abs_tol=1e-12)
+  headed = pcfg.parse_grammar("# format: ib\n" + WORD_LIKE_NONTERMINAL)
+  assert headed.format == "ib" and headed.text_hash == ib.text_hash and headed.text_hash != mx.text_hash
+  path = tmp_path / "g.txt"
+  path.write_text(WORD_LIKE_NONTERMINAL)
+  assert pcfg.load_grammar(f"ib:{path}").vocab == ib.vocab
+  assert pcfg.load_grammar(f"maxlm:{path}").vocab == mx.vocab
+  assert pcfg.load_grammar(str(path), format="ib").vocab == ib.vocab
+  with pytest.raises(DataError, match="header says '# format: ib' but format 'maxlm'"):
+    pcfg.parse_grammar("# format: ib\n" + WORD_LIKE_NONTERMINAL, format="maxlm")
+  with pytest.raises(DataError, match="unknown grammar format 'nltk'"):
+    pcfg.parse_grammar("# format: nltk\nS a 1.0")
+  # Duplicates without a header mean IB's format, unless a line reads differently in the two formats.
+  with pytest.raises(DataError, match=r"line 3 \(A B 0.5\) means different things.*# format: ib"):
+    pcfg.parse_grammar(WORD_LIKE_NONTERMINAL + "A b 0.1\n")
+  # In IB's format an 'S' line is unary and binary rules name nonterminals: one without rules is an error.
+  with pytest.raises(DataError, match="nonterminal 'x' .* has no rules"):
+    pcfg.parse_grammar("S x 1.0\n", format="ib")
+  with pytest.raises(DataError, match="nonterminal 'c' .* has no rules"):
+    pcfg.parse_grammar("S A c 1.0\nA a 1.0\n", format="ib")
+
+
+def test_builtin_ib_demo_grammar_loads_in_ib_format():
+  g = pcfg.load_grammar("builtin:ib_demo")
+  assert g.format == "ib" and g.merged_duplicates > 0 and g.start == "S"
+  children = sorted(r.rhs[0] for r in g.rules if r.lhs == "S")
+  assert children == [f"S{i}" for i in range(1, 7)] and not any(r.terminal[0] for r in g.rules if r.lhs == "S")
+  assert "builtin:ib_demo" in ", ".join("builtin:" + n for n in pcfg.builtin_grammars())
+
+
+# ------------------------------------------------------------------------------------ unknown-word token
+
+def _demo_terminals():
+  """Independent reading of demo.txt: the words are the symbols that are never an LHS, in sorted order."""
+  rules = [line.split("#", 1)[0].split() for line in open(os.path.join(
+      os.path.dirname(pcfg.__file__), "grammars", "demo.txt"))]
+  rules = [f for f in rules if f]
+  lhs = {f[0] for f in rules}
+  return sorted({s for f in rules for s in f[1:-1]} - lhs)
+
+
+def test_unknown_words_tokenize_to_unk_in_grammar_and_hf_export():
+  transformers = pytest.importorskip("transformers")
+  g = pcfg.load_grammar("builtin:demo")
+  vocab = ["<eos>"] + _demo_terminals() + ["<unk>"]  # <eos> and the terminals keep their ids; <unk> is appended
+  assert g.vocab == vocab and g.vocab_size == len(vocab) and g.unknown_id == len(vocab) - 1
+  text = "the dog zebraquux chases a colourless cat"
+  expected = [vocab.index(w) if w in vocab else len(vocab) - 1 for w in text.split()]
+  assert expected.count(len(vocab) - 1) == 2 and g.encode(text) == expected
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=g.to_hf_tokenizer())
+  assert fast(text, add_special_tokens=False)["input_ids"] == expected
+  assert fast.convert_ids_to_tokens(g.unknown_id) == "<unk>" and fast.convert_tokens_to_ids("<eos>") == 0
+  assert g.decode(g.encode(text)) == "the dog <unk> chases a <unk> cat"
+  with pytest.raises(DataError, match="'zebraquux' is not a terminal"):
+    g.encode(text, strict=True)
+  assert g.sentence_logprob(g.encode("the dog zebraquux")) == -np.inf  # the grammar never makes <unk>
+  demo = yaml.safe_load(open(os.path.join(os.path.dirname(pcfg.__file__), "..", "configs", "demo.yaml")))
+  assert demo["model"]["vocab_size"] >= g.vocab_size
+
+
+def test_pcfg_source_takes_a_grammar_file_path():
+  for spec in (IB_TINY, "ib:" + IB_TINY):
+    cfg = _cfg(grammar=spec)
+    it = build_train_iterator(cfg, seq_len=16, batch_size=2, seed=3)
+    g = pcfg.load_grammar(spec)
+    np.testing.assert_array_equal(next(it)["inputs"][0], g.sample_stream(17, seed=3)[:16])
+    it.close()
+    info = describe(cfg)
+    assert info.vocab_size == g.vocab_size == 6
+    assert math.isclose(info.true_entropy_per_token, g.entropy().entropy_per_token) and info.true_entropy_stderr == 0

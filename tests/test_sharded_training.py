@@ -13,7 +13,9 @@ import json, sys
 import numpy as np
 import jax
 from maxlm.config import load_config
-from maxlm import sharding, train
+from maxlm import optim, plan, sharding, train
+from maxlm import state as state_lib
+from maxlm import step as step_lib
 
 objective, impl, micro = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = ["model.vocab_size=64", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
@@ -32,9 +34,9 @@ batches = batches * 3  # the same batch thrice: its loss must fall once the warm
 def run(shape, devices):
   cfg = load_config("demo", overrides + [f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}", f"mesh.tensor={shape[2]}"],
                     num_devices=len(devices))
-  setup = train.build(cfg, sharding.make_mesh(shape, devices))
-  step, _ = train.make_train_step(setup)
-  state = train.init_state(setup)
+  setup = state_lib.layout(cfg, sharding.make_mesh(shape, devices))
+  step, _ = step_lib.make_train_step(setup)
+  state = state_lib.init_state(setup)
   losses = []
   for b in batches:
     state, m = step(state, sharding.global_batch(setup.mesh, b))

@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import sharding, train
+from maxlm import optim, plan, sharding, train
+from maxlm import state as state_lib
+from maxlm import step as step_lib
 from maxlm.config import load_config
 from maxlm.errors import TrainingDivergedError
 from maxlm.metrics_log import read_metrics
@@ -36,16 +38,16 @@ def test_demo_loss_falls_towards_the_grammar_entropy(tmp_path):
 
 
 def test_nan_stops_the_run_with_a_clear_message(tmp_path, tiny_overrides):
-  cfg = load_config("demo", tiny_overrides + ["optim.lr=.nan", "checkpoint.enabled=false"])
+  cfg = load_config("demo", tiny_overrides + ["optim.lr=1e30", "checkpoint.enabled=false"])
   with pytest.raises(TrainingDivergedError, match=r"non-finite at step \d+.*lower optim.lr"):
     train.train(cfg, verbose=False)
 
 
 def _one_step(overrides, batch):
   cfg = load_config("demo", overrides, num_devices=1)
-  setup = train.build(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-  step, _ = train.make_train_step(setup)
-  state = train.init_state(setup)
+  setup = state_lib.layout(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  step, _ = step_lib.make_train_step(setup)
+  state = state_lib.init_state(setup)
   for _ in range(2):  # step 0 has lr 0 (warmup); step 1 moves the weights
     state, metrics = step(state, batch)
   return float(metrics["loss"]), jax.device_get(state["params"])
@@ -76,7 +78,7 @@ def test_vocab_smaller_than_the_tokenizer_is_an_error(tmp_path):
 
 def test_learning_rate_schedule_warms_up_then_decays():
   cfg = load_config("demo", ["train.steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"])
-  sched = train.learning_rate_schedule(cfg)
+  sched = optim.learning_rate_schedule(cfg)
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
   assert abs(float(sched(100)) - 0.1) < 1e-6
   mid = 10 + 45
@@ -84,7 +86,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
 
 
 def test_weight_decay_skips_norms():
-  mask = train.weight_decay_mask({"embed": np.zeros((4, 2)), "final_norm": np.zeros(2),
+  mask = optim.weight_decay_mask({"embed": np.zeros((4, 2)), "final_norm": np.zeros(2),
                                   "layers": {"attn_norm": np.zeros((2, 2)), "q_proj": np.zeros((2, 2, 2))}})
   assert mask == {"embed": True, "final_norm": False, "layers": {"attn_norm": False, "q_proj": True}}
 

@@ -1,0 +1,94 @@
+"""Frozen train-state entries: arrays that live beside the params (own sharding, no gradient, no optimizer state).
+
+EMO's fixed or file cost embedding is one; a feature that needs one adds a provider to PROVIDERS, nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxlm import model as model_lib
+from maxlm.config import Config
+from maxlm.errors import ConfigError
+
+# Top-level train-state names that are not frozen entries.
+TRAINED_KEYS = ("params", "opt_state", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEntry:
+  """One frozen entry of the train state, a single array or a tree of them.
+
+  `abstract` / `logical_axes`: shapes (ShapeDtypeStruct, no sharding) and logical axis names, same tree.
+  `from_params(model_params)`: the entry from the model's initial (or imported) params, traced under jit; or
+  `from_host()`: the entry as host numpy arrays (e.g. read from a file). Exactly one of the two is set.
+  `saved`: False for entries rebuilt from their source on resume instead of being checkpointed (a LoRA base).
+  A checkpoint given to `checkpoint.init_from` that holds an entry of the same name and shape wins over both.
+  """
+  name: str
+  abstract: Any
+  logical_axes: Any
+  from_params: Optional[Callable[[dict], Any]] = None
+  from_host: Optional[Callable[[], Any]] = None
+  saved: bool = True
+  source: str = ""
+
+  def __post_init__(self):
+    if (self.from_params is None) == (self.from_host is None):
+      raise ValueError(f"frozen entry {self.name!r} needs exactly one of from_params / from_host")
+    if self.name in TRAINED_KEYS:
+      raise ValueError(f"frozen entry name {self.name!r} is reserved for the trained state")
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def emo_cost_embedding(cfg: Config) -> list[FrozenEntry]:
+  """EMO's cost embedding when it is not the live head: a snapshot of the head at init/import, or a file."""
+  loss = cfg.loss
+  if loss.objective != "emo" or loss.cost_embedding == "adaptive":
+    return []
+  vocab = cfg.model.vocab_size
+  if loss.cost_embedding == "fixed":
+    return [FrozenEntry("cost_embedding", jax.ShapeDtypeStruct((vocab, cfg.model.hidden), jnp.float32),
+                        ("vocab", None), from_params=lambda p: model_lib.head_weights(cfg.model, p).T.astype(
+                            jnp.float32), source="the output head at init or import")]
+  path = loss.cost_embedding_file
+  shape = cost_embedding_file_shape(path, vocab)
+  return [FrozenEntry("cost_embedding", jax.ShapeDtypeStruct(shape, jnp.float32), ("vocab", None),
+                      from_host=lambda: np.load(path).astype(np.float32), source=os.path.abspath(path))]
+
+
+def cost_embedding_file_shape(path: str, vocab: int) -> tuple[int, int]:
+  if not os.path.exists(path):
+    raise ConfigError(f"loss.cost_embedding_file = {path!r} does not exist; point it at a (vocab, dim) .npy array")
+  shape = np.load(path, mmap_mode="r").shape
+  if len(shape) != 2 or shape[0] != vocab:
+    raise ConfigError(f"cost embedding {path} has shape {shape}; it must be (model.vocab_size = "
+                      f"{vocab}, dim): take it from a model with the same tokenizer")
+  return shape
+
+
+# The one list of features that add frozen entries.
+PROVIDERS: tuple[Callable[[Config], list[FrozenEntry]], ...] = (emo_cost_embedding,)
+
+
+def entries(cfg: Config) -> dict[str, FrozenEntry]:
+  """Every frozen entry the config asks for, by name."""
+  out: dict[str, FrozenEntry] = {}
+  for provider in PROVIDERS:
+    for entry in provider(cfg):
+      if entry.name in out:
+        raise ValueError(f"two providers declare the frozen entry {entry.name!r}")
+      out[entry.name] = entry
+  return out
+
+
+def host_bytes(entry: FrozenEntry) -> int:
+  return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(entry.abstract))

@@ -1,0 +1,165 @@
+"""Any model maxlm can read, by one spec: a run directory (its newest step), `RUN@STEP`, `RUN@all` (every kept step)
+or a Hugging Face LLaMA / OLMo v1 directory (imported in memory). Evaluation, generation and analysis load here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from maxlm import checkpoint
+from maxlm.config import Config
+from maxlm.errors import CheckpointError, DataError
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """A loaded model: config, decoder weights (host numpy arrays unless loaded sharded), frozen entries, origin."""
+  spec: str
+  cfg: Config
+  params: dict
+  frozen: dict
+  step: Optional[int]  # None for an HF directory
+  kind: str  # "run" | "hf"
+
+  @property
+  def name(self) -> str:
+    return self.spec
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def split_spec(spec: str) -> tuple[str, Optional[str]]:
+  """'runs/x@300' -> ('runs/x', '300'); 'runs/x@all' -> ('runs/x', 'all'); 'runs/x' -> ('runs/x', None)."""
+  path, sep, step = spec.rpartition("@")
+  if sep and path and (step == "all" or step.isdigit()):
+    return path, step
+  return spec, None
+
+
+def expand(spec: str) -> list[str]:
+  """The checkpoint specs a user's spec stands for: `RUN@all` -> every kept step, oldest first."""
+  path, step = split_spec(spec)
+  if step != "all":
+    return [spec]
+  if is_hf_dir(path):
+    raise CheckpointError(f"{spec}: an HF directory has one set of weights; drop '@all'")
+  with checkpoint.open_checkpoints(path) as ckpt:
+    steps = ckpt.steps()
+  if not steps:
+    raise CheckpointError(f"{path} holds no finalised checkpoint")
+  return [f"{path}@{s}" for s in steps]
+
+
+def load(spec: str, *, abstract: Optional[dict] = None, hf_config: Optional[str] = None) -> Pretrained:
+  """Loads the weights a spec names. `abstract` ({"params": tree of sharded ShapeDtypeStructs}) restores a run's
+  params sharded with a shape check; HF directories always come as host arrays (`hf_config`: the preset for the
+  non-model sections of an import)."""
+  path, step = split_spec(spec)
+  if step == "all":
+    raise CheckpointError(f"{spec} names several checkpoints: expand it with maxlm.pretrained.expand first")
+  path = os.path.expanduser(path)
+  if is_hf_dir(path):
+    if step is not None:
+      raise CheckpointError(f"{spec}: an HF directory has no steps; drop '@{step}'")
+    from maxlm import convert  # pylint: disable=import-outside-toplevel
+    cfg, params, frozen = convert.read_hf(path, config=hf_config)
+    return Pretrained(spec, cfg, params, frozen, None, "hf")
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint {path!r} does not exist: pass a maxlm run directory (optionally RUN@STEP or "
+                          "RUN@all) or a Hugging Face model directory (config.json + weights)")
+  with checkpoint.open_checkpoints(path) as ckpt:
+    resolved = ckpt.resolve_step(int(step) if step is not None else None)
+  cfg, params, frozen = checkpoint.load_params(path, resolved, abstract=abstract)
+  return Pretrained(spec, cfg, params, frozen, resolved, "run")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@dataclasses.dataclass
+class TextCodec:
+  """The tokenizer of a loaded model: encode a batch of strings, decode ids, and its pad / end-of-text ids."""
+  encode_batch: Callable[[list[str]], list[list[int]]]
+  decode: Callable[[list[int]], str]
+  eos_id: int
+  pad_id: int
+
+
+def _pad_token(tokenizer_path: str) -> Optional[str]:
+  """The pad token named by the tokenizer_config.json / special_tokens_map.json beside a tokenizer file."""
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    path = os.path.join(os.path.dirname(tokenizer_path), name)
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path) as f:
+        pad = json.load(f).get("pad_token")
+    except (OSError, ValueError):
+      continue
+    if isinstance(pad, dict):
+      pad = pad.get("content")
+    if isinstance(pad, str) and pad:
+      return pad
+  return None
+
+
+def text_codec(cfg: Config) -> TextCodec:
+  """The model's tokenizer (data.tokenizer, the token store's, or the PCFG's); pads are the tokenizer's pad token
+  (tokenizer_config / special tokens map), else its end-of-text token."""
+  from maxlm.data_pipelines import tokenization  # pylint: disable=import-outside-toplevel
+  kind, what = tokenization.run_tokenizer(cfg.data)
+  if kind is None:
+    raise DataError(f"cannot tokenize text for this checkpoint: {what}. Give token ids instead (JSONL with an 'ids' "
+                    "field) or set data.tokenizer in the run's config")
+  if kind == "pcfg":
+    return TextCodec(lambda texts: [what.encode(t) for t in texts], what.decode, what.separator_id,
+                     what.separator_id)
+  tok = tokenization.TextTokenizer(what)
+  pad = _pad_token(what)
+  pad_id = None
+  if pad is not None and tok.kind == "hf":
+    pad_id = tok._load().token_to_id(pad)  # pylint: disable=protected-access
+  return TextCodec(tok.encode_batch, tok.decode, tok.separator_id, tok.separator_id if pad_id is None else pad_id)
+
+
+@dataclasses.dataclass
+class Rows:
+  """Documents as fixed-length rows: ids (N, T) int32 right-padded with the pad id, mask (N, T) 1 on real tokens."""
+  ids: np.ndarray
+  mask: np.ndarray
+
+
+def document_rows(path: str, codec: Optional[TextCodec], *, seq_len: int, max_docs: int = 0, pad_id: int = 0,
+                  vocab_size: int = 0, log=print) -> Rows:
+  """Rows of `seq_len` tokens from a data file (JSONL `text` tokenized with `codec`, or `ids` used as they are;
+  plain text one document per line), each document truncated or right-padded; `max_docs` 0 = all. With
+  `vocab_size`, an id outside the model's vocabulary is a DataError."""
+  from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel
+  docs = [d for group in collect_documents(path, ids_key="ids", log=log).values() for d in group]
+  if max_docs:
+    docs = docs[:max_docs]
+  texts = [i for i, d in enumerate(docs) if isinstance(d, str)]
+  if texts and codec is None:
+    raise DataError(f"{path} holds text, but this checkpoint has no tokenizer; give token ids (an 'ids' field)")
+  encoded = dict(zip(texts, codec.encode_batch([docs[i] for i in texts]))) if texts else {}
+  pad = codec.pad_id if codec is not None else pad_id
+  ids = np.full((len(docs), seq_len), pad, np.int32)
+  mask = np.zeros((len(docs), seq_len), np.int32)
+  for i, doc in enumerate(docs):
+    tokens = (encoded[i] if i in encoded else doc)[:seq_len]
+    ids[i, :len(tokens)] = tokens
+    mask[i, :len(tokens)] = 1
+  if not mask.any():
+    raise DataError(f"{path}: every document tokenized to zero tokens")
+  top = int(ids[mask > 0].max())
+  if vocab_size and top >= vocab_size:
+    raise DataError(f"{path} holds token id {top} but the model's vocabulary has {vocab_size} entries: the ids come "
+                    "from another tokenizer")
+  return Rows(ids, mask)

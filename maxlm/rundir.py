@@ -1,0 +1,82 @@
+"""The run directory's lock: one live training job per `run.dir`, refused with the holder's pid, host and start time.
+
+An fcntl lock on `run.dir/maxlm.lock` is released by the kernel when its holder dies, so a stale lock is broken
+safely; under jax.distributed only process 0 holds it (one lock for the job) and every process learns the result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from typing import Optional
+
+import jax
+
+from maxlm.errors import MaxlmError
+
+LOCK_FILE = "maxlm.lock"
+
+
+class RunDirBusyError(MaxlmError):
+  """Another live job trains in this run directory."""
+
+
+def _holder(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.loads(f.read() or "{}")
+  except (OSError, ValueError):
+    return {}
+
+
+class RunDirLock:
+  """`with RunDirLock(run_dir):` holds the directory for this job; entering raises RunDirBusyError if it is held."""
+
+  def __init__(self, run_dir: str):
+    self.run_dir = run_dir
+    self.path = os.path.join(run_dir, LOCK_FILE)
+    self._fd: Optional[int] = None
+
+  def _try_acquire(self) -> Optional[str]:
+    """None on success, else a description of the holder."""
+    os.makedirs(self.run_dir, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      os.close(fd)
+      h = _holder(self.path)
+      since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"])) if "since" in h else "an unknown time"
+      return (f"pid {h.get('pid', '?')} on host {h.get('host', '?')} (started {since}, "
+              f"{h.get('processes', 1)} process(es))")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+            "processes": jax.process_count()}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    os.fsync(fd)
+    self._fd = fd
+    return None
+
+  def __enter__(self):
+    holder = self._try_acquire() if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      import numpy as np  # pylint: disable=import-outside-toplevel
+      busy = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
+      if int(busy) and holder is None:
+        holder = "another job (see the lock on process 0's host)"
+    if holder is not None:
+      raise RunDirBusyError(f"run.dir {self.run_dir} is in use by {holder}: two jobs in one run directory would "
+                            f"overwrite each other's checkpoints and metrics. Wait for that job to finish (or stop it), "
+                            f"or choose another run.dir")
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+    return False

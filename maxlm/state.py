@@ -1,0 +1,183 @@
+"""The train state: abstract shapes and shardings, fresh sharded init, `init_from` another checkpoint, and resume.
+
+State = {"params": trainable tree, "opt_state": optax state, "step": int32, **frozen entries (maxlm.frozen)}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from maxlm import frozen as frozen_lib
+from maxlm import model as model_lib
+from maxlm import optim, sharding
+from maxlm.config import Config
+from maxlm.errors import CheckpointError, ConfigError
+
+# Model-section keys that fix the architecture (and so must agree with a checkpoint given to init_from).
+ARCHITECTURE_KEYS = ("family", "vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
+                     "max_positions", "rope_theta", "norm_eps", "tie_embeddings", "clip_qkv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamView:
+  """How the trainable params and the frozen entries form the decoder's weights.
+
+  Without adapters the trainable params are the decoder's weights (IDENTITY). An adapter method (LoRA) trains a
+  small tree, keeps the decoder's weights as a frozen entry, and composes the two in `model_params`.
+  """
+  trainable: Callable[[dict, dict], tuple[dict, dict]]  # (abstract model params, logical specs) -> same, trained
+  init_trainable: Callable[[dict, int], dict]  # (initial model params, seed) -> trainable tree (jittable)
+  model_params: Callable[[dict, dict], dict]  # (trainable, frozen entries) -> decoder weights (jittable)
+
+
+IDENTITY = ParamView(lambda abstract, specs: (abstract, specs), lambda params, seed: params,
+                     lambda trainable, frozen: trainable)
+
+
+def param_view(cfg: Config) -> ParamView:
+  return IDENTITY
+
+
+@dataclasses.dataclass
+class StateLayout:
+  """Everything the steps, the loop and the checkpoints need to know about the state, built once from the config."""
+  cfg: Config
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  abstract: dict  # the whole state as ShapeDtypeStructs carrying their shardings
+  shardings: dict
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  param_count: int  # parameters of the decoder
+  trainable_count: int
+  frozen: dict  # name -> FrozenEntry
+  view: ParamView
+  model_abstract: dict  # the decoder's weights (ShapeDtypeStructs with shardings)
+
+  @property
+  def saved_abstract(self) -> dict:
+    """The part of the state that goes into checkpoints."""
+    return {k: v for k, v in self.abstract.items() if k not in self.frozen or self.frozen[k].saved}
+
+  def model_params(self, state: dict) -> dict:
+    return self.view.model_params(state["params"], {k: state[k] for k in self.frozen})
+
+
+def layout(cfg: Config, mesh: Optional[jax.sharding.Mesh] = None) -> StateLayout:
+  mesh = mesh or sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+  view = param_view(cfg)
+  graphdef, model_abstract, model_specs = model_lib.abstract_model(cfg.model)
+  trainable, trainable_specs = view.trainable(model_abstract, model_specs)
+  param_shardings = sharding.named_shardings(trainable_specs, mesh)
+  tx = optim.make_optimizer(cfg, trainable)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: sharding.replicated(mesh))
+  abstract = {"params": trainable, "opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": sharding.replicated(mesh)}
+  entries = frozen_lib.entries(cfg)
+  for name, entry in entries.items():
+    abstract[name] = entry.abstract
+    shardings[name] = jax.tree.map(lambda axes: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes)),
+                                   entry.logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  model_shardings = sharding.named_shardings(model_specs, mesh)
+  model_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), model_abstract,
+                                model_shardings)
+  return StateLayout(cfg, mesh, graphdef, abstract, shardings, tx, optim.learning_rate_schedule(cfg),
+                     model_lib.param_count(model_abstract), model_lib.param_count(trainable), entries, view,
+                     model_abstract)
+
+
+# ----------------------------------------------------------------------------- materialising
+
+
+def put_host(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array placed shard by shard under `target.sharding` (each process supplies only its own shards)."""
+  array = np.asarray(array, dtype=target.dtype)
+  if array.shape != tuple(target.shape):
+    raise ValueError(f"host array of shape {array.shape} does not fit {target.shape}")
+  return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
+
+
+def _complete(lay: StateLayout, model_params: dict, trainable: Optional[dict], step, known: dict) -> dict:
+  """The full state from the decoder's weights: trainable params (derived when None), fresh optimizer state,
+  frozen entries (`known` ones as given, the others derived from the weights or read from their host source)."""
+  traced = [n for n, e in lay.frozen.items() if e.from_params is not None and n not in known]
+
+  def build(params, trainable):
+    if trainable is None:
+      trainable = lay.view.init_trainable(params, lay.cfg.train.seed)
+    state = {"params": trainable, "opt_state": lay.tx.init(trainable), "step": jnp.asarray(step, jnp.int32)}
+    state.update({n: lay.frozen[n].from_params(params) for n in traced})
+    return state
+
+  out_keys = ("params", "opt_state", "step", *traced)
+  state = jax.jit(build, out_shardings={k: lay.shardings[k] for k in out_keys})(model_params, trainable)
+  for name, entry in lay.frozen.items():
+    if name in known:
+      state[name] = known[name]
+    elif entry.from_host is not None:
+      state[name] = jax.tree.map(put_host, entry.from_host(), lay.abstract[name])
+  return state
+
+
+def init_state(lay: StateLayout) -> dict:
+  """A fresh state, each shard materialised where it lives (no full copy of the model on any host)."""
+  cfg = lay.cfg
+  params = jax.jit(lambda: model_lib.init_params(cfg.model, cfg.train.seed),
+                   out_shardings=jax.tree.map(lambda a: a.sharding, lay.model_abstract))()
+  return _complete(lay, params, None, 0, {})
+
+
+def init_from(lay: StateLayout, path: str) -> dict:
+  """Step 0 with a fresh optimizer, the decoder's weights (and derived frozen entries) from checkpoint `path`.
+
+  Frozen entries derived from the weights take the source's saved copy when it has one of the same shape (an
+  EMO snapshot taken at import stays the import's head); entries read from a host source are read afresh.
+  """
+  from maxlm import checkpoint  # local: checkpoint imports config and orbax, state stays light for the planner
+
+  derived = {n: lay.abstract[n] for n, e in lay.frozen.items() if e.from_params is not None and e.saved}
+  _, params, found = checkpoint.load_params(path, abstract={"params": lay.model_abstract, **derived})
+  known = {n: v for n, v in found.items() if n in derived}
+  return _complete(lay, params, None, 0, known)
+
+
+def rebuild_unsaved(lay: StateLayout, restored: dict) -> dict:
+  """After a resume: frozen entries that are not checkpointed (a LoRA base) rebuilt from checkpoint.init_from."""
+  unsaved = [n for n, e in lay.frozen.items() if not e.saved]
+  if not unsaved:
+    return restored
+  from maxlm import checkpoint  # pylint: disable=import-outside-toplevel
+  source = lay.cfg.checkpoint.init_from
+  if not source:
+    raise CheckpointError(f"frozen entries {unsaved} are rebuilt from checkpoint.init_from on resume, but it is empty; "
+                          "set it to the checkpoint this run started from")
+  _, params, _ = checkpoint.load_params(source, abstract={"params": lay.model_abstract})
+  entries = {n: lay.frozen[n] for n in unsaved}
+  values = jax.jit(lambda p: {n: e.from_params(p) for n, e in entries.items()},
+                   out_shardings={n: lay.shardings[n] for n in unsaved})(params)
+  return {**restored, **values}
+
+
+def inherit_architecture(cfg: Config, source: Config, where: str) -> None:
+  """Takes the model architecture of an init_from source for every key the user did not set; a key the user set to
+  a different value is a CheckpointError naming both."""
+  for key in ARCHITECTURE_KEYS:
+    mine, theirs = getattr(cfg.model, key), getattr(source.model, key)
+    if mine == theirs:
+      continue
+    origin = cfg.origin(f"model.{key}")
+    if origin == "the defaults":
+      setattr(cfg.model, key, theirs)
+    else:
+      raise CheckpointError(f"checkpoint.init_from {where} does not fit this model: shape mismatch: model.{key} = "
+                            f"{mine!r} (from {origin}) contradicts the source's model.{key} = {theirs!r}; drop the "
+                            "setting (the architecture comes from the source) or start from another checkpoint")
