@@ -1,0 +1,29 @@
+"""`python -m maxlm.analyze TOOL ...`: the thin CLI over the research tools in maxlm.analysis (one subcommand each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional
+
+from maxlm.errors import cli_exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from maxlm import analysis  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="python -m maxlm.analyze", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
+  for name in analysis.TOOLS:
+    importlib.import_module(f"maxlm.analysis.{name}").add_parser(sub)
+  return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  return cli_exit_code(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
