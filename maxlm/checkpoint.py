@@ -260,7 +260,8 @@ class Checkpointer:
     """Saves `state` at `step` if the schedule (every N) says so or `force`; returns whether a save started.
 
     A failure of the previous (async) save is raised here, naming that step, before anything new is written.
-    `sources`: where entries that are not saved come from (e.g. a LoRA base), recorded in the meta item.
+    `sources`: where entries that are not saved come from (e.g. a LoRA base): recorded in the meta item (local
+    paths made absolute), and those entries are left out of the saved state.
     """
     if not self.cfg.enabled and not force:
       return False
@@ -270,8 +271,10 @@ class Checkpointer:
     self.wait()
     if step in self._manager.all_steps():
       return False  # e.g. the final step coincides with a periodic save
+    sources = {k: v if not v or "://" in v else os.path.abspath(v) for k, v in (sources or {}).items()}
+    state = {k: v for k, v in state.items() if k not in sources}
     meta = {"format": FORMAT, "kind": kind, "step": step, "maxlm_version": __version__,
-            "items": sorted(state), "sources": sources or {}}
+            "items": sorted(state), "sources": sources}
     items = dict(state=ocp.args.PyTreeSave(state, save_args=_save_args(state)),
                  config=ocp.args.JsonSave(config.to_dict()), meta=ocp.args.JsonSave(meta))
     if data_state is not None:
@@ -291,8 +294,11 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       intact = []
     on_disk = f"the newest intact checkpoint is step {intact[-1]}" if intact else "no intact checkpoint is on disk"
+    text = str(cause)
+    full = "No space left on device" in text or "os_error_code='28'" in text or getattr(cause, "errno", None) == 28
+    why = "No space left on device (the filesystem is full)" if full else f"{type(cause).__name__}: {text[:300]}"
     return CheckpointError(
-        f"saving checkpoint step {step} to {self.directory} failed: {type(cause).__name__}: {str(cause)[:300]}. "
+        f"saving checkpoint step {step} to {self.directory} failed: {why}. "
         f"Step {step} is not on disk; {on_disk}. Free space on that filesystem (or set run.dir to another one) and "
         f"rerun the same command to resume" + (f" from step {intact[-1]}." if intact else "."))
 
@@ -455,12 +461,16 @@ def load_params(path: str, step: Optional[int] = None, *,
   Reads only the params and the frozen entries, never the optimizer state. `abstract` ({"params": tree, plus any
   frozen entries wanted} of ShapeDtypeStructs with shardings) checks the params' shapes against the caller's model
   and restores sharded device arrays (frozen entries of another shape are left out); without it, host numpy arrays
-  of every entry.
+  of every entry. A LoRA checkpoint (adapters only) gives its base's weights with the adapters merged in: the one
+  place a LoRA checkpoint becomes a decoder, for every reader (evaluation, analysis, generation, init_from).
   """
   ckpt = open_checkpoints(path)
   try:
     step = ckpt.resolve_step(step)
     cfg = ckpt.config(step)
+    if cfg.lora.rank > 0:
+      from maxlm import lora  # pylint: disable=import-outside-toplevel
+      return lora.load_merged(ckpt, path, step, cfg, abstract)
     saved = ckpt.state_metadata(step).tree
     keys = tuple(k for k in saved if k not in TRAINED_KEYS or k == "params")
     shardings = None

@@ -369,8 +369,19 @@ def load_config(name_or_path: str = "demo", overrides: tuple[str, ...] | list[st
     _apply(cfg, data, origin)
   for text in overrides:
     key, value = parse_override(text)
+    if _is_text_field(key) and not isinstance(value, str) and value is not None:
+      value = text.split("=", 1)[1]  # a string field takes the text as typed (YAML would read 10:15 as 615)
     _set(cfg, key, value, f"override {text!r}")
   return finalize(cfg, num_devices=num_devices)
+
+
+def _is_text_field(dotted: str) -> bool:
+  parts = dotted.split(".")
+  section = field_types(Config).get(parts[0])
+  if section is None or len(parts) != 2:
+    return False
+  hint = field_types(section).get(parts[1])
+  return hint is str or hint == Optional[str]
 
 
 def config_from_dict(data: dict, *, num_devices: Optional[int] = None) -> Config:

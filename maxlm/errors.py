@@ -3,8 +3,13 @@
 CLIs run their body through `cli_exit_code`: a MaxlmError prints its message without a traceback, exit code 2.
 """
 
+import logging
 import sys
 from typing import Any, Callable
+
+# Libraries that log their own tracebacks when a checkpoint save or restore fails (orbax through absl, tensorstore's
+# event loops through asyncio); maxlm reports the failure itself, with the fix, so theirs are cut to one line.
+_NOISY_LOGGERS = ("absl", "asyncio")
 
 
 class MaxlmError(Exception):
@@ -41,9 +46,28 @@ def _close_progress_bars() -> None:
     bar.close()
 
 
+class _OneLine(logging.Filter):
+  """Keeps a library's error records to one line: no traceback, message cut at 300 characters."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info or record.exc_text or record.stack_info:
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+    message = record.getMessage().splitlines()[0] if record.getMessage() else ""
+    record.msg, record.args = (message[:300] + (" ..." if len(message) > 300 else "")), None
+    return True
+
+
+def quiet_library_tracebacks() -> None:
+  for name in _NOISY_LOGGERS:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OneLine) for f in logger.filters):
+      logger.addFilter(_OneLine())
+
+
 def cli_exit_code(body: Callable[[], Any]) -> int:
   """Runs a CLI's body: 0 when it returns, 2 (after printing the message, no traceback) on a MaxlmError, 130 on
   Ctrl-C outside the training loop (which handles it itself)."""
+  quiet_library_tracebacks()
   try:
     body()
   except MaxlmError as e:
