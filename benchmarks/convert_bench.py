@@ -51,6 +51,28 @@ def make_checkpoint(config: str, run_dir: str, seed: int = 0) -> dict:
                                     for s in jax.tree.leaves(shapes)) / 2 ** 20}
 
 
+def verify_export(run_dir: str, hf_dir: str, dtype: str) -> int:
+  """Number of tensors checked; raises if any exported tensor differs from the checkpoint's (in HF layout)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from maxlm import checkpoint, hf_names  # pylint: disable=import-outside-toplevel
+  from maxlm.convert import _np_dtype  # pylint: disable=import-outside-toplevel
+  _, params, _ = checkpoint.load_params(run_dir)
+  index = json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))["weight_map"]
+  checked = 0
+  for t in hf_names.tensors(params):
+    array = params
+    for k in t.key:
+      array = array[k]
+    expected = hf_names.to_hf(t, np.asarray(array if t.layer is None else array[t.layer])).astype(_np_dtype(dtype))
+    with safe_open(os.path.join(hf_dir, index[t.hf_name]), framework="numpy") as f:
+      got = f.get_tensor(t.hf_name)
+    if got.dtype != expected.dtype or got.shape != expected.shape or got.tobytes() != expected.tobytes():
+      raise SystemExit(f"exported tensor {t.hf_name} differs from the checkpoint")
+    checked += 1
+  return checked
+
+
 def dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -63,6 +85,8 @@ def main() -> None:
   p.add_argument("--from-hf", action="store_true", help="also time the import of the export (holds the model)")
   p.add_argument("--keep", action="store_true", help="keep the checkpoint and export afterwards")
   p.add_argument("--reuse", action="store_true", help="reuse a checkpoint kept in --workdir by --keep")
+  p.add_argument("--verify", action="store_true",
+                 help="check every exported tensor byte for byte against the checkpoint's params cast to --dtype")
   args = p.parse_args()
   run_dir, hf_dir = os.path.join(args.workdir, "run"), os.path.join(args.workdir, "hf")
   info_path = os.path.join(args.workdir, "checkpoint_info.json")
@@ -86,6 +110,8 @@ def main() -> None:
             "largest_tensor_mib_fp32": info["largest_tensor_mib"], "export_seconds": seconds,
             "export_peak_rss_mib": peak_mib, "import_baseline_rss_mib": baseline_mib,
             "model_fp32_mib": info["params"] * 4 / 2 ** 20}
+  if args.verify:
+    result["tensors_byte_identical"] = verify_export(run_dir, hf_dir, args.dtype)
   if args.from_hf:
     seconds, peak_mib, _ = child_peak_rss(["maxlm.convert", "from-hf", "--model", hf_dir, "--output",
                                            os.path.join(args.workdir, "imported"), "--config", args.config])

@@ -101,3 +101,28 @@ def test_dry_run_7b_on_this_machine():
   assert out.returncode == 0, out.stderr
   assert "6,738,415,616 parameters" in out.stdout and "data=16 fsdp=8 tensor=1" in out.stdout
   assert "total" in out.stdout
+
+
+def test_base_yaml_documents_exactly_the_schema_defaults():
+  """configs/base.yaml is the readable list of every key; the schema in maxlm/config.py is the one source of
+  defaults. The two must not drift apart."""
+  import importlib.resources
+  from maxlm.config import Config
+  base = yaml.safe_load((importlib.resources.files("maxlm.configs") / "base.yaml").read_text())
+  assert base == Config().to_dict()
+
+
+def test_choices_come_from_the_schema_literals():
+  from maxlm.config import choices
+  assert choices("loss.objective") == ("ce", "mile", "focal", "emo", "mixce", "tvd")
+  assert "splash" in choices("model.attention") and "sft" in choices("data.source")
+  with pytest.raises(ConfigError, match=r"loss.emo_mode = 3 \(from override 'loss.emo_mode=3'\) is not one of 1, 2"):
+    load_config("demo", ["loss.emo_mode=3"])
+  assert load_config("demo", ["lora.targets=q,k,o", "checkpoint.init_from=x"]).lora.targets == ["q", "k", "o"]
+
+
+def test_a_mesh_axis_used_twice_is_a_contract_violation():
+  from maxlm import sharding
+  assert sharding.logical_to_spec(("vocab", "embed")) == sharding.P("tensor", "fsdp")
+  with pytest.raises(ValueError, match="mesh axis 'tensor' would shard both 'vocab' and 'mlp'"):
+    sharding.logical_to_spec(("vocab", "mlp"))
