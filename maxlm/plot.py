@@ -1,0 +1,115 @@
+"""`python -m maxlm.plot RUN_DIR [RUN_DIR ...] --output FILE.png`: curves of chosen metrics of several runs on shared
+axes (x = step or tokens), with the data's true entropy as a floor line when the runs know it (PCFG corpora).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from maxlm.errors import DataError, cli_exit_code
+from maxlm.metrics_log import read_metrics
+
+DEFAULT_METRICS = ("ce", "eval/uniform_avg")
+# Metrics in nats per token: the ones the entropy floor is drawn against.
+PER_TOKEN = ("loss", "ce", "entropy")
+
+
+def run_series(run_dir: str, metric: str, x: str = "step") -> tuple[list[float], list[float]]:
+  """(x values, metric values) of one run, in step order (the last record of a step wins)."""
+  records = read_metrics(run_dir)
+  by_step = {r["step"]: r[metric] for r in records if metric in r}
+  if not by_step:
+    return [], []
+  steps = sorted(by_step)
+  if x == "tokens":
+    import yaml  # pylint: disable=import-outside-toplevel
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+      train = yaml.safe_load(f)["train"]
+    per_step = train["global_batch"] * train["seq_len"]
+    return [s * per_step for s in steps], [by_step[s] for s in steps]
+  return [float(s) for s in steps], [by_step[s] for s in steps]
+
+
+def true_entropy(run_dir: str) -> Optional[float]:
+  """The per-token entropy of a run's training data when it is known (a PCFG grammar), else None."""
+  path = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(path):
+    return None
+  import yaml  # pylint: disable=import-outside-toplevel
+  with open(path) as f:
+    data = yaml.safe_load(f).get("data", {})
+  if data.get("source") != "pcfg":
+    return None
+  from maxlm.data_pipelines.pcfg import grammar_entropy  # pylint: disable=import-outside-toplevel
+  return grammar_entropy(data.get("grammar", "builtin:demo")).entropy_per_token
+
+
+def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS, x: str = "step",
+              labels: Optional[list[str]] = None, title: str = "") -> dict:
+  """Draws one panel per metric, one curve per run; returns {metric: {label: (xs, ys)}, "floor": value|None}."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  for d in run_dirs:
+    if not os.path.isdir(d):
+      raise DataError(f"run directory {d!r} does not exist")
+  labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+  floors = {f for f in (true_entropy(d) for d in run_dirs) if f is not None}
+  floor = next(iter(floors)) if len(floors) == 1 else None  # runs on different data share no floor
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+  drawn: dict = {"floor": floor}
+  for ax, metric in zip(axes[0], metrics):
+    drawn[metric] = {}
+    for d, label in zip(run_dirs, labels):
+      xs, ys = run_series(d, metric, x)
+      if xs:
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=label)
+        drawn[metric][label] = (xs, ys)
+    if floor is not None and (metric in PER_TOKEN or metric.startswith("eval/")):
+      ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"true entropy {floor:.3f}")
+    ax.set_xlabel("tokens" if x == "tokens" else "step")
+    ax.set_ylabel(f"{metric} (nats/token)" if metric in PER_TOKEN or metric.startswith("eval/") else metric)
+    ax.set_title(metric)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+  if not any(drawn[m] for m in metrics):
+    plt.close(fig)
+    raise DataError(f"none of the runs logged {', '.join(metrics)}; pick metrics from their metrics.jsonl")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
+  fig.savefig(output, dpi=110)
+  plt.close(fig)
+  return drawn
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m maxlm.plot", description=__doc__.splitlines()[0])
+  p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
+  p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                 help="comma-separated metrics.jsonl keys, one panel each (default: ce,eval/uniform_avg)")
+  p.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis: optimizer steps or tokens seen")
+  p.add_argument("--labels", default="", help="comma-separated curve labels (default: the run directory names)")
+  p.add_argument("--title", default="", help="figure title")
+  p.add_argument("--output", required=True, help="PNG file to write")
+  args = p.parse_args(argv)
+
+  def body():
+    labels = [s for s in args.labels.split(",") if s] or None
+    if labels and len(labels) != len(args.runs):
+      raise DataError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    plot_runs(args.runs, args.output, metrics=tuple(m for m in args.metrics.split(",") if m), x=args.x,
+              labels=labels, title=args.title)
+    print(f"wrote {args.output}")
+
+  return cli_exit_code(body)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
