@@ -1,5 +1,5 @@
 """The trainer's data interface: build_train_iterator / build_eval_batches / describe over every source (token
-store, replay index, PCFG, seqio), as grain pipelines of seq_len+1 token windows with resumable state.
+store, replay index, PCFG, seqio, instruction data), as grain pipelines of seq_len+1 token windows with resumable state.
 """
 
 from __future__ import annotations
@@ -239,6 +239,10 @@ def build_train_iterator(cfg, *, seq_len: int, batch_size: int, seed: int, proce
     return seqio_source.build_train_iterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                              process_index=process_index, process_count=process_count,
                                              fingerprint=fp)
+  if source == "sft":
+    from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
+    return sft.build_train_iterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                    process_index=process_index, process_count=process_count, fingerprint=fp)
   if source == "pcfg":
     g = pcfg.load_grammar(getattr(cfg, "grammar", "builtin:demo"))
     fp["grammar"] = g.text_hash[:16]
@@ -269,7 +273,7 @@ def build_train_iterator(cfg, *, seq_len: int, batch_size: int, seed: int, proce
       windows = StoreWindows(store, "train", seq_len, store.domains)
       ds = _replay_dataset(cfg, windows, process_index, process_count, fp)
   else:
-    raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay or seqio.")
+    raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay, seqio or sft.")
   ds = ds.batch(batch_size, drop_remainder=True).map(_ReadBatch(windows, sep, masking))
   return DataIterator(_to_iter(ds, cfg), fp)
 
@@ -333,6 +337,10 @@ def build_eval_batches(cfg, *, seq_len: int, batch_size: int, num_batches: int, 
     from maxlm.data_pipelines import seqio_source  # pylint: disable=import-outside-toplevel
     return seqio_source.build_eval_batches(cfg, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
                                            process_index=process_index, process_count=process_count)
+  if source == "sft":
+    from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
+    return sft.build_eval_batches(cfg, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
+                                  process_index=process_index, process_count=process_count)
   if source == "pcfg":
     g = pcfg.load_grammar(getattr(cfg, "grammar", "builtin:demo"))
     need = num_batches * batch_size * process_count * seq_len + 1
@@ -340,7 +348,7 @@ def build_eval_batches(cfg, *, seq_len: int, batch_size: int, num_batches: int, 
     return {"pcfg": eval_windows(lambda s, e: tokens[s:e], need, seq_len, batch_size, num_batches,
                                  process_index, process_count, g.separator_id, masking)}
   if source not in ("store", "replay"):
-    raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay or seqio.")
+    raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay, seqio or sft.")
   store = TokenStore(getattr(cfg, "path", ""))
   out = {}
   for domain in store.domains:
@@ -388,8 +396,11 @@ def describe(cfg) -> SourceInfo:
   if source == "seqio":
     from maxlm.data_pipelines import seqio_source  # pylint: disable=import-outside-toplevel
     return seqio_source.describe(cfg)
+  if source == "sft":
+    from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
+    return sft.describe(cfg)
   if source not in ("store", "replay"):
-    raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay or seqio.")
+    raise DataError(f"unknown data.source {source!r}; use store, pcfg, replay, seqio or sft.")
   store = TokenStore(getattr(cfg, "path", ""))
   override = getattr(cfg, "tokenizer", "")
   path = override or store.tokenizer_path()

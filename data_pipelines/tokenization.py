@@ -101,7 +101,8 @@ class TextTokenizer:
 
 # ----------------------------------------------------------------------------- the tokenizer of a run
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "chat_template.jinja")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 
 
@@ -193,3 +194,38 @@ def _write_json(path: str, obj) -> None:
   import json  # pylint: disable=import-outside-toplevel
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
+
+
+def named_special_token(tokenizer_path: str, key: str) -> str | None:
+  """The token a tokenizer_config.json / special_tokens_map.json beside `tokenizer_path` names for `key`
+  ("eos_token", "pad_token", ...), or None."""
+  import json  # pylint: disable=import-outside-toplevel
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    path = os.path.join(os.path.dirname(tokenizer_path), name)
+    try:
+      with open(path) as f:
+        token = json.load(f).get(key)
+    except (OSError, ValueError):
+      continue
+    token = token.get("content") if isinstance(token, dict) else token
+    if isinstance(token, str) and token:
+      return token
+  return None
+
+
+def special_ids(data_cfg) -> tuple[int, int]:
+  """(eos id, pad id) of a run's tokenizer: the tokens its tokenizer_config / special_tokens_map names (OLMo's eos is
+  50279, not the first end-of-text candidate), else the document separator for both."""
+  _, separator, _ = run_encoder(data_cfg)
+  kind, what = run_tokenizer(data_cfg)
+  if kind != "file" or tokenizer_kind(what) != "hf":
+    return separator, separator
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  tok = tokenizers.Tokenizer.from_file(what)
+  ids = []
+  for key, fallback in (("eos_token", separator), ("pad_token", None)):
+    token = named_special_token(what, key)
+    found = tok.token_to_id(token) if token else None
+    ids.append(int(found) if found is not None else fallback)
+  eos, pad = ids
+  return eos, (eos if pad is None else pad)

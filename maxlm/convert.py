@@ -23,9 +23,9 @@ from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
 
 DTYPES = ("float32", "bfloat16", "float16")
 INDEX = "model.safetensors.index.json"
-# A shard is held in host memory until it is written: 512 MiB keeps export near one large tensor (a 7B embedding
-# is 262 MB in bf16) while a 7B export still has only ~30 files.
-DEFAULT_SHARD_BYTES = 512 * 1024 ** 2
+# A shard is held in host memory until it is written: 256 MiB keeps export near one large tensor (a 7B embedding
+# is 262 MB in bf16, so it gets a shard of its own) while a 7B export has ~55 files.
+DEFAULT_SHARD_BYTES = 256 * 1024 ** 2
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -276,14 +276,30 @@ def model_fields_from_hf(hf: dict, where: str) -> dict:
 # ----------------------------------------------------------------------------- to-hf
 
 
+def tensor_source(checkpoint_path: str, step: Optional[int] = None):
+  """The decoder tensors of a checkpoint, read one at a time (CheckpointTensors); a LoRA checkpoint's are its base's
+  with the adapters merged in (W + alpha/r * A @ B in maxlm's layout, i.e. W + alpha/r * B A in torch's)."""
+  source = CheckpointTensors(checkpoint_path, step)
+  if source.config.lora.rank <= 0:
+    return source
+  from maxlm import lora  # pylint: disable=import-outside-toplevel
+  _, _, adapters, base = lora.read_adapters(checkpoint_path, source.step)
+  return lora.MergedTensors(source, tensor_source(base), adapters)
+
+
 def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtype: str = "bfloat16",
-          overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, log=print) -> str:
-  """Exports a run's checkpoint (default: latest step) as an HF directory; returns its path.
+          overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, adapter: bool = False,
+          log=print) -> str:
+  """Exports a run's checkpoint (default: latest step) as an HF directory; returns its path. A LoRA run exports
+  merged; with `adapter`, as a PEFT adapter directory instead (maxlm.lora.export_peft).
 
   --overwrite replaces only an earlier export (never a run, an import or foreign files: maxlm.outputs)."""
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-  source = CheckpointTensors(checkpoint_path, step)
+  if adapter:
+    from maxlm import lora  # pylint: disable=import-outside-toplevel
+    return lora.export_peft(checkpoint_path, output, step=step, dtype=dtype, overwrite=overwrite, log=log)
+  source = tensor_source(checkpoint_path, step)
   cfg = source.config
   out_dtype = _np_dtype(dtype)
   problems = checkpoint.describe_mismatch(checkpoint.flat_tree(_expected_shapes(cfg)),
@@ -421,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="largest safetensors shard in MiB; export holds one shard in host memory at a time")
   p.add_argument("--overwrite", action="store_true",
                  help="replace --output if it is an earlier maxlm export (anything else is refused)")
+  p.add_argument("--adapter", action="store_true",
+                 help="LoRA runs: write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
+                      "instead of the merged model")
   p = sub.add_parser("from-hf", help="Hugging Face LLaMA / OLMo directory -> maxlm checkpoint")
   p.add_argument("--model", required=True, help="local HF model directory (config.json + safetensors or .bin)")
   p.add_argument("--output", required=True, help="new run directory for the params-only checkpoint")
@@ -437,7 +456,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   def body():
     if args.command == "to-hf":
       to_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
-            max_shard_bytes=args.shard_size_mb * 2 ** 20)
+            max_shard_bytes=args.shard_size_mb * 2 ** 20, adapter=args.adapter)
     else:
       from_hf(args.model, args.output, config=args.config, overrides=tuple(args.overrides),
               overwrite=args.overwrite)

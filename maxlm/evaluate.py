@@ -88,9 +88,10 @@ def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, co
 def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional[int] = None,
              seq_len: Optional[int] = None, batch_size: int = 8, num_batches: int = 0,
              compute_dtype: Optional[str] = None, text_field: str = "text", domain_field: str = "",
-             output: Optional[str] = None, log=print) -> dict:
+             data_format: str = "text", output: Optional[str] = None, log=print) -> dict:
   """Loss and perplexity of a checkpoint on `data`: a token store directory, a .jsonl/.txt file, or (None) the
-  run's own held-out data. num_batches 0 = all of a file / 64 batches of a store. Writes and returns the JSON."""
+  run's own held-out data. num_batches 0 = all of a file / 64 batches of a store. data_format "sft": `data` is
+  instruction data (Alpaca JSON / chat JSONL), scored on response tokens only. Writes and returns the JSON."""
   ckpt = checkpoint.open_checkpoints(checkpoint_path)
   try:
     step = ckpt.resolve_step(step)
@@ -101,7 +102,13 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
   if seq_len > cfg.model.max_positions:
     raise DataError(f"--seq-len {seq_len} exceeds the model's max_positions {cfg.model.max_positions}")
   t0 = time.perf_counter()
-  if data and os.path.isfile(data):
+  if data_format == "sft":
+    from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
+    if not data:
+      raise DataError("--format sft needs --data FILE (Alpaca JSON or chat JSONL)")
+    batches = sft.file_batches(cfg.data, data, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
+                               log=log)
+  elif data and os.path.isfile(data):
     from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel
     from maxlm.data_pipelines.tokenization import run_encoder  # pylint: disable=import-outside-toplevel
     encode, sep, _ = run_encoder(cfg.data)
@@ -210,6 +217,9 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
 
 def main(argv: Optional[list[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "mauve":
+    from maxlm import mauve_eval  # pylint: disable=import-outside-toplevel
+    return mauve_eval.main(argv[1:])
   if argv and argv[0] == "harness":
     p = argparse.ArgumentParser(prog="python -m maxlm.evaluate harness",
                                 description="lm-evaluation-harness on the exported checkpoint")
@@ -229,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           device=args.device, dtype=args.dtype, include_path=args.include_path, output=args.output)
   else:
     p = argparse.ArgumentParser(prog="python -m maxlm.evaluate",
-                                description="loss and perplexity of a checkpoint (or: `harness --help`)")
+                                description="loss and perplexity of a checkpoint (or: `harness --help`, `mauve -h`)")
     p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
     p.add_argument("--data", default=None, help="token store dir or .jsonl/.txt file (default: the run's data)")
     p.add_argument("--step", type=int, default=None)
@@ -240,12 +250,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--text-field", default="text")
     p.add_argument("--domain-field", default="", help="JSONL field path of the domain (default: domain, "
                                                      "meta.pile_set_name)")
+    p.add_argument("--format", default="text", choices=["text", "sft"], dest="data_format",
+                   help="sft: --data is instruction data (Alpaca JSON or chat JSONL), CE on response tokens only")
     p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/...)")
     args = p.parse_args(argv)
     run = lambda: evaluate(args.checkpoint, args.data, step=args.step, seq_len=args.seq_len,  # noqa: E731
                            batch_size=args.batch_size, num_batches=args.num_batches,
                            compute_dtype=args.compute_dtype, text_field=args.text_field,
-                           domain_field=args.domain_field, output=args.output)
+                           domain_field=args.domain_field, data_format=args.data_format, output=args.output)
   return cli_exit_code(run)
 
 

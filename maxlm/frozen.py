@@ -75,8 +75,14 @@ def cost_embedding_file_shape(path: str, vocab: int) -> tuple[int, int]:
   return shape
 
 
+def lora_base(cfg: Config) -> list[FrozenEntry]:
+  """A LoRA run's base decoder weights (maxlm.lora), from checkpoint.init_from, not saved."""
+  from maxlm import lora  # pylint: disable=import-outside-toplevel  (lora builds on FrozenEntry)
+  return lora.base_entries(cfg)
+
+
 # The one list of features that add frozen entries.
-PROVIDERS: tuple[Callable[[Config], list[FrozenEntry]], ...] = (emo_cost_embedding,)
+PROVIDERS: tuple[Callable[[Config], list[FrozenEntry]], ...] = (emo_cost_embedding, lora_base)
 
 
 def entries(cfg: Config) -> dict[str, FrozenEntry]:

@@ -17,6 +17,9 @@ from flax import nnx
 from maxlm.config import ModelConfig
 from maxlm.sharding import constrain
 
+# The params entry holding low-rank adapters per projection (maxlm.lora), beside the decoder's own weights.
+ADAPTERS = "lora"
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -72,7 +75,11 @@ class DecoderLayers(nnx.Module):
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if self.parametric_norm:
       names += ["attn_norm", "mlp_norm"]
-    return {n: getattr(self, n)[...] for n in names}
+    out = {n: getattr(self, n)[...] for n in names}
+    adapters = getattr(self, "adapters", None)  # set by `bind` when the params carry LoRA adapters
+    if adapters is not None:
+      out[ADAPTERS] = adapters
+    return out
 
 
 class Decoder(nnx.Module):
@@ -94,7 +101,9 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens_BxT: jax.Array, *, segment_ids_BxT: Optional[jax.Array] = None,
                positions_BxT: Optional[jax.Array] = None, compute_dtype=None,
-               return_ffn_coefficients: bool = False):
+               return_ffn_coefficients: bool = False, ffn_abs_sums_weights_BxT: Optional[jax.Array] = None):
+    """Hidden states (B, T, D); with `return_ffn_coefficients`, also the stacked coefficients (L, B, T, F); with
+    `ffn_abs_sums_weights_BxT`, also per-layer sums over tokens of |coefficient| x weight, (L, F) fp32."""
     cfg = self.cfg
     dtype = jnp.dtype(compute_dtype or cfg.compute_dtype)
     B, T = tokens_BxT.shape
@@ -109,6 +118,9 @@ class Decoder(nnx.Module):
 
     def block(x, w):
       x, coeff = decoder_block(cfg, w, x, cos, sin, mask, dtype)
+      if ffn_abs_sums_weights_BxT is not None:  # knowledge entropy: per-layer sums, never an (L, B, T, F) stack
+        weights_BxTx1 = ffn_abs_sums_weights_BxT.astype(jnp.float32)[..., None]
+        return x, (jnp.abs(coeff.astype(jnp.float32)) * weights_BxTx1).sum(axis=(0, 1))
       return x, (coeff if return_ffn_coefficients else None)
 
     if cfg.remat != "none":
@@ -121,15 +133,20 @@ class Decoder(nnx.Module):
       for i in range(cfg.layers):
         x, c = block(x, jax.tree.map(lambda w: w[i], weights))
         outs.append(c)
-      coeffs = jnp.stack(outs) if return_ffn_coefficients else None
+      coeffs = jnp.stack(outs) if outs[0] is not None else None
     x = norm(cfg, self.final_norm[...] if cfg.family == "llama" else None, x)
-    return (x, coeffs) if return_ffn_coefficients else x
+    return (x, coeffs) if return_ffn_coefficients or ffn_abs_sums_weights_BxT is not None else x
 
   def logits(self, tokens_BxT: jax.Array, **kwargs) -> jax.Array:
     """fp32 logits (B, T, V): for evaluation, conversion checks and small models, not for training."""
     hidden = self(tokens_BxT, **kwargs)
     return jnp.einsum("btd,dv->btv", hidden, self.head().astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
+
+
+def head_weights(cfg: ModelConfig, params: dict) -> jax.Array:
+  """The output projection (hidden, vocab) of a params dict, whether tied or not (as `Decoder.head`)."""
+  return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
 def norm(cfg: ModelConfig, scale: Optional[jax.Array], x: jax.Array) -> jax.Array:
@@ -157,37 +174,153 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
   return x_BxTxNxH * cos + rotated * sin
 
 
-def attention(cfg: ModelConfig, q, k, v, mask):
-  """Causal attention (B, T, N, H) with grouped KV heads; cuDNN flash on GPU when selected."""
-  impl = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[cfg.attention]
-  if impl is None and jax.default_backend() == "cpu":
-    impl = "xla"
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl,
-                                      scale=1.0 / math.sqrt(q.shape[-1]))
+def attention(cfg: ModelConfig, q, k, v, mask, segment_ids=None):
+  """Causal attention (B, T, N, H) with grouped KV heads through the backend cfg.attention names (kernels.attention:
+  XLA, cuDNN flash on GPU, splash on TPU); `mask` (B, 1, T, T) or `segment_ids` (B, T) masks documents."""
+  from maxlm.kernels import attention as attention_backends  # kernels/ owns the attention backends
+  from maxlm.sharding import active_mesh
+  return attention_backends.attention(q, k, v, backend=cfg.attention, mask_Bx1xTxT=mask, segment_ids_BxT=segment_ids,
+                                      mesh=active_mesh())
 
 
-def decoder_block(cfg: ModelConfig, w: dict, x_BxTxD, cos, sin, mask, dtype):
+def project(w: dict, name: str, x_BxTxI: jax.Array, dtype) -> jax.Array:
+  """x @ w[name] in `dtype`, plus the projection's low-rank adapter when `w` carries one (maxlm.lora):
+  dropout(x) @ A @ B with B already scaled by alpha / rank, dropout only when the adapter holds a key (training).
+  The one projection of every block, for training, evaluation and cached decoding alike."""
+  y_BxTxO = jnp.einsum("...i,io->...o", x_BxTxI, w[name].astype(dtype))
+  adapter = w.get(ADAPTERS, {}).get(name)
+  if adapter is None:
+    return y_BxTxO
+  if "dropout_key" in adapter:  # inverted dropout on the adapter's input only, as peft
+    keep = adapter["keep"]
+    kept = jax.random.bernoulli(adapter["dropout_key"], keep, x_BxTxI.shape)
+    x_BxTxI = jnp.where(kept, x_BxTxI / keep.astype(x_BxTxI.dtype), 0).astype(x_BxTxI.dtype)
+  low_BxTxR = jnp.einsum("...i,ir->...r", x_BxTxI, adapter["a"].astype(dtype))
+  return y_BxTxO + jnp.einsum("...r,ro->...o", low_BxTxR, adapter["b"].astype(dtype))
+
+
+def attention_inputs(cfg: ModelConfig, w: dict, x_BxTxD, cos, sin, dtype):
+  """A block up to its attention: pre-norm, q/k/v projections (OLMo's clip), RoPE -> q (B, T, N, H), k, v (B, T, K, H).
+  The training forward and the cached decode path both call it, so they share one set of projections."""
   d = Dims.of(cfg)
   B, T, _ = x_BxTxD.shape
   h = norm(cfg, w.get("attn_norm"), x_BxTxD)
-  q = jnp.einsum("btd,dk->btk", h, w["q_proj"].astype(dtype))
-  k = jnp.einsum("btd,dk->btk", h, w["k_proj"].astype(dtype))
-  v = jnp.einsum("btd,dk->btk", h, w["v_proj"].astype(dtype))
+  q, k, v = (project(w, name, h, dtype) for name in ("q_proj", "k_proj", "v_proj"))
   if cfg.clip_qkv is not None:
     q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
   q = constrain(q.reshape(B, T, d.heads, d.head_dim), ("batch", "length", "act_heads", None))
   k = constrain(k.reshape(B, T, d.kv_heads, d.head_dim), ("batch", "length", "act_heads", None))
   v = constrain(v.reshape(B, T, d.kv_heads, d.head_dim), ("batch", "length", "act_heads", None))
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  o = attention(cfg, q, k, v, mask).reshape(B, T, d.heads * d.head_dim)
-  x_BxTxD = x_BxTxD + jnp.einsum("btk,kd->btd", o, w["o_proj"].astype(dtype))
+  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def block_output(cfg: ModelConfig, w: dict, x_BxTxD, o_BxTxNxH, dtype):
+  """A block after its attention: output projection and residual, pre-norm SwiGLU MLP and residual -> (x, FFN
+  coefficients silu(gate) * up (B, T, F))."""
+  B, T, _ = x_BxTxD.shape
+  o = o_BxTxNxH.reshape(B, T, -1)
+  x_BxTxD = x_BxTxD + project(w, "o_proj", o, dtype)
   x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
   h = norm(cfg, w.get("mlp_norm"), x_BxTxD)
-  gate = jnp.einsum("btd,df->btf", h, w["gate_proj"].astype(dtype))
-  up = jnp.einsum("btd,df->btf", h, w["up_proj"].astype(dtype))
+  gate, up = project(w, "gate_proj", h, dtype), project(w, "up_proj", h, dtype)
   coeff_BxTxF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-  x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", coeff_BxTxF, w["down_proj"].astype(dtype))
+  x_BxTxD = x_BxTxD + project(w, "down_proj", coeff_BxTxF, dtype)
   return constrain(x_BxTxD, ("batch", "length", "act_embed")), coeff_BxTxF
+
+
+def decoder_block(cfg: ModelConfig, w: dict, x_BxTxD, cos, sin, mask, dtype):
+  q, k, v = attention_inputs(cfg, w, x_BxTxD, cos, sin, dtype)
+  return block_output(cfg, w, x_BxTxD, attention(cfg, q, k, v, mask), dtype)
+
+
+# ----------------------------------------------------------------------------- decoding with a KV cache
+
+# The cache is an activation: batch over (data, fsdp), kv heads over tensor (maxlm.sharding.RULES).
+KV_CACHE_AXES = ("layers", "batch", "length", "act_heads", None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys and values of every layer for a batch of left-padded rows. Slot s of row b holds position s - start_B[b];
+  slots below start_B[b] are padding, slots from `length` on are not written yet (`length` is shared by all rows)."""
+  k_LxBxSxKxH: jax.Array
+  v_LxBxSxKxH: jax.Array
+  start_B: jax.Array  # int32
+  length: jax.Array  # int32 scalar
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype) -> KVCache:
+  """An empty cache of `cache_len` slots per row (what `prefill` returns has the same structure)."""
+  d = Dims.of(cfg)
+  shape = (d.layers, batch, cache_len, d.kv_heads, d.head_dim)
+  zeros = constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES)
+  return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxTxS):
+  """Attention of T new queries over S cached slots (grouped KV heads, scaled by 1/sqrt(H)); `visible` says which
+  slots each query may read. XLA's path: a decode step is one query row, which no flash kernel speeds up."""
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=visible_BxTxS[:, None],
+                                      implementation="xla", scale=1.0 / math.sqrt(q_BxTxNxH.shape[-1]))
+
+
+def prefill(model: Decoder, tokens_BxP: jax.Array, start_B: jax.Array, *, cache_len: int, compute_dtype=None):
+  """Runs left-padded prompts (row b's real tokens in slots start_B[b]..P-1) through the model; returns the final
+  hidden state of slot P-1 (B, D) and a cache of `cache_len` slots holding the prompts' keys and values."""
+  cfg, d = model.cfg, Dims.of(model.cfg)
+  dtype = jnp.dtype(compute_dtype or cfg.compute_dtype)
+  B, P = tokens_BxP.shape
+  slots_P = jnp.arange(P, dtype=jnp.int32)
+  real_BxP = slots_P[None, :] >= start_B[:, None]
+  positions_BxP = jnp.where(real_BxP, slots_P[None, :] - start_B[:, None], 0)
+  # Padding is its own document: real tokens never attend to it, and no query row is fully masked.
+  mask = real_BxP[:, None, :, None] == real_BxP[:, None, None, :]
+  x = constrain(jnp.take(model.embed[...], tokens_BxP, axis=0).astype(dtype), ("batch", "length", "act_embed"))
+  cos, sin = rope_tables(positions_BxP, d.head_dim, cfg.rope_theta)
+
+  def block(x, w):
+    q, k, v = attention_inputs(cfg, w, x, cos, sin, dtype)
+    x, _ = block_output(cfg, w, x, attention(cfg, q, k, v, mask), dtype)
+    return x, (k, v)
+
+  x, (k_LxBxPxKxH, v_LxBxPxKxH) = jax.lax.scan(block, x, model.layers.weights())
+  widen = ((0, 0), (0, 0), (0, cache_len - P), (0, 0), (0, 0))
+  cache = KVCache(constrain(jnp.pad(k_LxBxPxKxH, widen), KV_CACHE_AXES),
+                  constrain(jnp.pad(v_LxBxPxKxH, widen), KV_CACHE_AXES), start_B.astype(jnp.int32), jnp.int32(P))
+  return _final_norm(model, x[:, -1]), cache
+
+
+def decode_step(model: Decoder, tokens_B: jax.Array, cache: KVCache, *, compute_dtype=None):
+  """One new token per row at slot `cache.length` (position length - start_B): its final hidden state (B, D) and the
+  cache with its keys and values written in place."""
+  cfg, d = model.cfg, Dims.of(model.cfg)
+  dtype = jnp.dtype(compute_dtype or cfg.compute_dtype)
+  positions_Bx1 = (cache.length - cache.start_B)[:, None]
+  slots_S = jnp.arange(cache.k_LxBxSxKxH.shape[2], dtype=jnp.int32)
+  visible_Bx1xS = ((slots_S[None, :] >= cache.start_B[:, None]) & (slots_S[None, :] <= cache.length))[:, None, :]
+  x = constrain(jnp.take(model.embed[...], tokens_B[:, None], axis=0).astype(dtype), ("batch", "length", "act_embed"))
+  cos, sin = rope_tables(positions_Bx1, d.head_dim, cfg.rope_theta)
+
+  def block(carry, w_and_layer):
+    x, k_all, v_all = carry
+    w, layer = w_and_layer
+    q, k, v = attention_inputs(cfg, w, x, cos, sin, dtype)
+    at = (layer, 0, cache.length, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+    x, _ = block_output(cfg, w, x, cached_attention(q, k_all[layer], v_all[layer], visible_Bx1xS), dtype)
+    return (x, k_all, v_all), None
+
+  # The whole cache rides in the carry so each layer's write is an in-place update, not a new stacked output.
+  (x, k_all, v_all), _ = jax.lax.scan(block, (x, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH),
+                                      (model.layers.weights(), jnp.arange(d.layers, dtype=jnp.int32)))
+  cache = KVCache(constrain(k_all, KV_CACHE_AXES), constrain(v_all, KV_CACHE_AXES), cache.start_B, cache.length + 1)
+  return _final_norm(model, x[:, 0]), cache
+
+
+def _final_norm(model: Decoder, x_BxD: jax.Array) -> jax.Array:
+  return norm(model.cfg, model.final_norm[...] if model.cfg.family == "llama" else None, x_BxD)
 
 
 # ----------------------------------------------------------------------------- construction
@@ -225,8 +358,12 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 def bind(graphdef, params: dict) -> Decoder:
-  """A Decoder whose weights are the arrays of `params` (a pure dict); usable inside jit and grad."""
-  return nnx.merge(graphdef, params)
+  """A Decoder whose weights are the arrays of `params` (a pure dict); usable inside jit and grad. An ADAPTERS entry
+  (LoRA adapters, maxlm.lora) rides along in `layers.weights()`, so every projection applies it."""
+  model = nnx.merge(graphdef, {k: v for k, v in params.items() if k != ADAPTERS})
+  if ADAPTERS in params:
+    model.layers.adapters = nnx.data(params[ADAPTERS])
+  return model
 
 
 def param_count(abstract_params: dict) -> int:

@@ -5,7 +5,6 @@ or a Hugging Face LLaMA / OLMo v1 directory (imported in memory). Evaluation, ge
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Optional
 
@@ -92,41 +91,17 @@ class TextCodec:
   pad_id: int
 
 
-def _pad_token(tokenizer_path: str) -> Optional[str]:
-  """The pad token named by the tokenizer_config.json / special_tokens_map.json beside a tokenizer file."""
-  for name in ("tokenizer_config.json", "special_tokens_map.json"):
-    path = os.path.join(os.path.dirname(tokenizer_path), name)
-    if not os.path.isfile(path):
-      continue
-    try:
-      with open(path) as f:
-        pad = json.load(f).get("pad_token")
-    except (OSError, ValueError):
-      continue
-    if isinstance(pad, dict):
-      pad = pad.get("content")
-    if isinstance(pad, str) and pad:
-      return pad
-  return None
-
-
 def text_codec(cfg: Config) -> TextCodec:
-  """The model's tokenizer (data.tokenizer, the token store's, or the PCFG's); pads are the tokenizer's pad token
-  (tokenizer_config / special tokens map), else its end-of-text token."""
+  """The model's tokenizer (data.tokenizer, the token store's, or the PCFG's). EOS and pad are the tokens its
+  tokenizer_config / special tokens map names, else its end-of-text separator (for pad: else EOS)."""
   from maxlm.data_pipelines import tokenization  # pylint: disable=import-outside-toplevel
   kind, what = tokenization.run_tokenizer(cfg.data)
   if kind is None:
     raise DataError(f"cannot tokenize text for this checkpoint: {what}. Give token ids instead (JSONL with an 'ids' "
                     "field) or set data.tokenizer in the run's config")
-  if kind == "pcfg":
-    return TextCodec(lambda texts: [what.encode(t) for t in texts], what.decode, what.separator_id,
-                     what.separator_id)
-  tok = tokenization.TextTokenizer(what)
-  pad = _pad_token(what)
-  pad_id = None
-  if pad is not None and tok.kind == "hf":
-    pad_id = tok._load().token_to_id(pad)  # pylint: disable=protected-access
-  return TextCodec(tok.encode_batch, tok.decode, tok.separator_id, tok.separator_id if pad_id is None else pad_id)
+  encode, _, decode = tokenization.run_encoder(cfg.data)
+  eos, pad = tokenization.special_ids(cfg.data)
+  return TextCodec(encode, decode, eos, pad)
 
 
 @dataclasses.dataclass

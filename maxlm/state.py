@@ -33,14 +33,18 @@ class ParamView:
   """
   trainable: Callable[[dict, dict], tuple[dict, dict]]  # (abstract model params, logical specs) -> same, trained
   init_trainable: Callable[[dict, int], dict]  # (initial model params, seed) -> trainable tree (jittable)
-  model_params: Callable[[dict, dict], dict]  # (trainable, frozen entries) -> decoder weights (jittable)
+  # (trainable, frozen entries, rng=None) -> decoder weights (jittable); the train step passes a dropout rng
+  model_params: Callable[..., dict]
 
 
 IDENTITY = ParamView(lambda abstract, specs: (abstract, specs), lambda params, seed: params,
-                     lambda trainable, frozen: trainable)
+                     lambda trainable, frozen, rng=None: trainable)
 
 
 def param_view(cfg: Config) -> ParamView:
+  if cfg.lora.rank > 0:
+    from maxlm import lora  # pylint: disable=import-outside-toplevel  (lora builds on ParamView)
+    return lora.view(cfg)
   return IDENTITY
 
 

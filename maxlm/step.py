@@ -58,20 +58,21 @@ def batch_shardings(cfg: Config, mesh) -> dict:
   return {k: sharding.batch_sharding(mesh) for k in keys}
 
 
-def _microbatched(grad_fn, n_micro: int, params, frozen, batch):
+def _microbatched(grad_fn, n_micro: int, params, frozen, batch, rng):
   """Mean loss, metrics and grads over n_micro microbatches; microbatch j takes rows j, j + n, ... so every
-  device keeps an equal share of each."""
+  device keeps an equal share of each, and its own dropout key fold_in(rng, j)."""
   if n_micro == 1:
-    return grad_fn(params, frozen, batch)
+    return grad_fn(params, frozen, batch, rng)
   micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]), 0, 1), batch)
 
-  def accumulate(carry, mb):
-    (loss, metrics), grads = grad_fn(params, frozen, mb)
+  def accumulate(carry, j_mb):
+    j, mb = j_mb
+    (loss, metrics), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, j))
     return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
-  shapes = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro))
+  shapes = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
   zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), (shapes[0][0], shapes[0][1], shapes[1]))
-  (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, micro)
+  (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(n_micro), micro))
   loss, metrics, grads = jax.tree.map(lambda x: x / n_micro, (loss, metrics, grads))
   return (loss, metrics), grads
 
@@ -84,8 +85,8 @@ def make_train_step(lay: StateLayout):
   cfg, mesh = lay.cfg, lay.mesh
   kwargs = loss_kwargs(cfg)
 
-  def loss_fn(params, frozen, batch):
-    weights = lay.view.model_params(params, frozen)
+  def loss_fn(params, frozen, batch, rng):
+    weights = lay.view.model_params(params, frozen, rng=rng)
     return output_loss(cfg, lay.graphdef, weights, batch, objective=cfg.loss.objective, mesh=mesh,
                        cost_embedding=frozen.get("cost_embedding"), **kwargs)
 
@@ -93,8 +94,10 @@ def make_train_step(lay: StateLayout):
 
   def step(state, batch):
     params, frozen = state["params"], {k: state[k] for k in lay.frozen}
+    # Dropout (LoRA's) from (seed, step): a resumed run draws the same masks as an uninterrupted one.
+    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state["step"])
     with sharding.activate(mesh):
-      (loss, metrics), grads = _microbatched(grad_fn, cfg.train.microbatches, params, frozen, batch)
+      (loss, metrics), grads = _microbatched(grad_fn, cfg.train.microbatches, params, frozen, batch, rng)
       grad_norm = optax.global_norm(grads)
       updates, opt_state = lay.tx.update(grads, state["opt_state"], params)
       params = optax.apply_updates(params, updates)

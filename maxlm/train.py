@@ -30,15 +30,31 @@ def _prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
 
   if cfg.checkpoint.init_from:
     with open_checkpoints(cfg.checkpoint.init_from) as source:
-      state_lib.inherit_architecture(cfg, source.config(), cfg.checkpoint.init_from)
+      source_cfg = source.config()
+    state_lib.inherit_architecture(cfg, source_cfg, cfg.checkpoint.init_from)
+    _inherit_tokenizer(cfg, source_cfg, say)
     finalize(cfg, num_devices=jax.device_count())
   info = data_pipelines.describe(cfg.data)
+  if cfg.data.source == "pcfg":
+    for note in data_pipelines.load_grammar(cfg.data.grammar).notes:
+      say(f"maxlm: grammar {cfg.data.grammar}: {note}")
   if info.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"the tokenizer has {info.vocab_size} tokens but model.vocab_size = {cfg.model.vocab_size}; "
                       f"set model.vocab_size >= {info.vocab_size}")
   if jax.process_index() == 0:
     save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
   return info, state_lib.layout(cfg)
+
+
+def _inherit_tokenizer(cfg: Config, source: Config, say) -> None:
+  """Sources that tokenize text themselves (sft) take the init_from source's tokenizer when data.tokenizer is empty."""
+  from maxlm.data_pipelines.tokenization import run_tokenizer  # pylint: disable=import-outside-toplevel
+  if cfg.data.source != "sft" or cfg.data.tokenizer:
+    return
+  kind, path = run_tokenizer(source.data)
+  if kind == "file":
+    cfg.data.tokenizer = path
+    say(f"maxlm: data.tokenizer = {path} (the tokenizer of checkpoint.init_from)")
 
 
 def _initial_state(cfg: Config, lay, checkpointer, data_it, say) -> tuple[dict, int]:
@@ -99,6 +115,9 @@ def _hooks(cfg: Config, lay, run: hooks_lib.Run, batch_shardings, verbose: bool)
     out.append(hooks_lib.CheckpointHook(cfg, metrics, step_lib.make_state_check(lay), sources))
   if cfg.run.profile_steps:
     out.append(hooks_lib.ProfilerHook(cfg, *profile_range(cfg.run.profile_steps)))
+  from maxlm import probes  # pylint: disable=import-outside-toplevel
+  if probes.wanted(cfg):
+    out.append(probes.ProbeHook(cfg, lay))
   return out
 
 
@@ -133,6 +152,9 @@ def train(cfg: Config, *, verbose: bool = True) -> dict:
     data_it = data_pipelines.build_train_iterator(
         cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch // jax.process_count(),
         seed=cfg.train.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    if cfg.inject.interval > 0:  # knowledge injection: a transform on this process's rows, its state in data_it's
+      from maxlm.data_pipelines import knowledge_injection  # pylint: disable=import-outside-toplevel
+      data_it = knowledge_injection.wrap_train_iterator(cfg, data_it, sharding.batch_sharding(lay.mesh))
     checkpointer = Checkpointer(cfg.run.dir, cfg.checkpoint) if cfg.checkpoint.enabled else None
     logger = None
     try:

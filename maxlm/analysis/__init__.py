@@ -6,4 +6,4 @@ listed in TOOLS.
 """
 
 # Modules (under maxlm.analysis) whose add_parser registers a `python -m maxlm.analyze` subcommand.
-TOOLS: tuple[str, ...] = ()
+TOOLS: tuple[str, ...] = ("probe", "hessian", "widen", "token_difficulty", "knowledge_entropy", "resuscitate")
