@@ -1,6 +1,7 @@
-"""Fused output-head losses that never build the (N, V) logits.
+"""Fused output-head losses that never build the (N, V) logits, and the attention backends of the model.
 
-Owns `fused_loss` (the trainer's entry) and its implementations: blockwise JAX, Pallas GPU and TPU.
+Owns `fused_loss` (the trainer's entry), its implementations (blockwise JAX, Pallas GPU and TPU) and their tile
+plans per platform (tiling), and `attention` (XLA, cuDNN, splash on TPU).
 """
 
 from maxlm.kernels.fused_loss import IMPLS, PALLAS_AUTO_PLATFORMS, fused_loss, resolve_impl

@@ -20,6 +20,9 @@ from maxlm.kernels import tiling
 F32 = jnp.float32
 # Statistics a kernel returns, as maxlm.losses.token_stats names them.
 DIFF_STATS = ("ce", "entropy", "emo", "p_y")
+# The online per-token state of every implementation, relative to the running max m: l = sum e^{z-m},
+# a = sum e^{z-m}(z-m) (entropy without cancellation at 1e4-scale logits), b = sum e^{z-m} s, and z_y.
+STATE_KEYS = ("m", "l", "a", "b", "zy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,16 @@ class StatsConfig:
 def dot(a, b, dims, precision=None):
   """dot_general accumulating in fp32 (the kernels' one matmul)."""
   return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def similarity(ey_TxE, e_CxE):
+  """EMO's s = e_y . e_v in the compute dtype of the unit cost rows e_CxE, accumulated in fp32 (DESIGN.md 4)."""
+  return dot(ey_TxE.astype(e_CxE.dtype), e_CxE, ((1,), (1,)))
+
+
+def compute_dtype(*xs):
+  """The dtype the matmuls of hidden @ lm_head run in: the promotion of both, as `hidden @ lm_head` would."""
+  return jnp.result_type(*(x.dtype for x in xs))
 
 
 def _vma(*xs):
@@ -100,6 +113,46 @@ def label_embedding(cost_VxE, local_labels_N, vocab_axis):
   return unit_rows(rows_NxE)
 
 
+def tile_state_update(state, z_TxC, col_ok_1xC, hit_TxC, s_TxC):
+  """One tile of the online softmax on (T, 1) state arrays (every implementation's forward step).
+
+  col_ok_1xC: columns that count (None: all); hit_TxC: the label's column (already masked by col_ok).
+  """
+  m_old, l_old, a_old, b_old, zy_old = state
+  z_masked = z_TxC if col_ok_1xC is None else jnp.where(col_ok_1xC, z_TxC, -jnp.inf)
+  m_new = jnp.maximum(m_old, jnp.max(z_masked, axis=1, keepdims=True))
+  e_TxC = jnp.exp(z_masked - m_new)
+  scale = jnp.exp(m_old - m_new)
+  shift = jnp.where(l_old > 0, m_old - m_new, 0.0)  # m_old = -inf before the first tile
+  l_new = scale * l_old + jnp.sum(e_TxC, axis=1, keepdims=True)
+  a_new = scale * (a_old + shift * l_old) + jnp.sum(e_TxC * (z_TxC - m_new), axis=1, keepdims=True)
+  b_new = b_old if s_TxC is None else scale * b_old + jnp.sum(e_TxC * s_TxC, axis=1, keepdims=True)
+  zy_new = zy_old + jnp.sum(jnp.where(hit_TxC, z_TxC, 0.0), axis=1, keepdims=True)
+  return m_new, l_new, a_new, b_new, zy_new
+
+
+def tile_dz(z_TxC, col_ok_1xC, hit_TxC, s_TxC, lse_Tx1, coef_p_Tx1, coef_y_Tx1, g_h_Tx1, g_emo_Tx1):
+  """dL/dz on one tile: p * (coef_p - g_H z - g_emo s) + onehot(y) * coef_y (see backward_coefficients)."""
+  p_TxC = jnp.exp(z_TxC - lse_Tx1)
+  if col_ok_1xC is not None:
+    p_TxC = jnp.where(col_ok_1xC, p_TxC, 0.0)
+  coef_TxC = coef_p_Tx1
+  if g_h_Tx1 is not None:
+    coef_TxC = coef_TxC - g_h_Tx1 * z_TxC
+  if g_emo_Tx1 is not None:
+    coef_TxC = coef_TxC - g_emo_Tx1 * s_TxC
+  return p_TxC * coef_TxC + jnp.where(hit_TxC, coef_y_Tx1, 0.0)
+
+
+def initial_state(shape, vma):
+  """The online state before any tile: m = -inf, sums 0 (each array marked varying over `vma`)."""
+  zeros = _varying(jnp.zeros(shape, F32), vma)
+  return (_varying(jnp.full(shape, -jnp.inf, F32), vma), zeros, zeros, zeros, zeros)
+
+
+# ----------------------------------------------------------------------------- vocab-major order (CPU plan)
+
+
 class _Tile:
   """One (block_tokens, block_vocab) tile: its logits, masks and EMO similarities, shared by fwd and bwd."""
 
@@ -122,8 +175,7 @@ class _Tile:
         ey_TxE = unit_rows(cost_VxE[jnp.clip(self.labels_T, 0, v_local - 1)])
       else:
         ey_TxE = lax.dynamic_slice_in_dim(ey_NxE, self.t0, bt, axis=0)
-      # HIGHEST as in the reference: the cost must not be blurred by TF32/bf16 passes.
-      self.s_TxC = dot(ey_TxE, e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
+      self.s_TxC = similarity(ey_TxE, e_CxE)
 
   def slice(self, x_N):
     return lax.dynamic_slice_in_dim(x_N, self.t0, self.h_TxD.shape[0])
@@ -133,7 +185,9 @@ def _vocab_chunk(cfg, w_DxV, cost_VxE, j):
   bv = cfg.plan.block_vocab
   v0 = cfg.plan.vocab_start(j)
   w_DxC = _slice(w_DxV, v0, bv, axis=1)
-  e_CxE = None if cost_VxE is None else unit_rows(lax.dynamic_slice_in_dim(cost_VxE, v0, bv, axis=0))
+  e_CxE = None
+  if cost_VxE is not None:  # unit rows in the compute dtype, normalised once per vocabulary chunk
+    e_CxE = unit_rows(lax.dynamic_slice_in_dim(cost_VxE, v0, bv, axis=0)).astype(w_DxV.dtype)
   return w_DxC, e_CxE
 
 
@@ -144,47 +198,205 @@ def _rescale_sum_rel(sum_rel, total, m_old, m_new):
   return scale * (sum_rel + shift * total), scale
 
 
-def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
-  plan = cfg.plan
-  n, v_local = hidden_NxD.shape[0], w_DxV.shape[1]
-  valid_N = labels_N != cfg.ignore_index
-  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
-  ey_NxE = None
-  if cost_VxE is not None and cfg.vocab_axis is not None:
-    ey_NxE = label_embedding(cost_VxE, local_labels_N, cfg.vocab_axis)
+def _sharded_label_embedding(cfg, cost_VxE, local_labels_N):
+  if cost_VxE is None or cfg.vocab_axis is None:
+    return None
+  return label_embedding(cost_VxE, local_labels_N, cfg.vocab_axis)
 
-  # Online per-token state, relative to the running max m: l = sum e^{z-m}, a = sum e^{z-m}(z-m)
-  # (entropy without cancellation at 1e4-scale logits), b = sum e^{z-m} s, and z_y.
+
+def _forward_vocab_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
+  """Online state {m, l, a, b, zy} (N,) each, vocabulary chunks outside, token chunks inside."""
+  plan = cfg.plan
+  n = hidden_NxD.shape[0]
+  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
+  ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
   vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE)
-  zeros_N = _varying(jnp.zeros((n,), F32), vma)
-  state = dict(m=_varying(jnp.full((n,), -jnp.inf, F32), vma), l=zeros_N, a=zeros_N, b=zeros_N, zy=zeros_N)
+  state = dict(zip(STATE_KEYS, (x[:, 0] for x in initial_state((n, 1), vma))))
 
   def vocab_body(j, state):
     w_DxC, e_CxE = _vocab_chunk(cfg, w_DxV, cost_VxE, j)
 
     def token_body(i, state):
       tile = _Tile(cfg, hidden_NxD, w_DxV, cost_VxE, ey_NxE, local_labels_N, i, j, w_DxC, e_CxE)
-      old = {k: tile.slice(x) for k, x in state.items()}
-      z_TxC = jnp.where(tile.col_new_C[None, :], tile.z_TxC, -jnp.inf)
-      m_new = jnp.maximum(old["m"], jnp.max(z_TxC, axis=1))
-      e_TxC = jnp.exp(z_TxC - m_new[:, None])
-      a, scale = _rescale_sum_rel(old["a"], old["l"], old["m"], m_new)
-      new = dict(
-        m=m_new,
-        l=scale * old["l"] + jnp.sum(e_TxC, axis=1),
-        a=a + jnp.sum(e_TxC * (tile.z_TxC - m_new[:, None]), axis=1),
-        b=old["b"] if tile.s_TxC is None else scale * old["b"] + jnp.sum(e_TxC * tile.s_TxC, axis=1),
-        zy=old["zy"] + jnp.sum(jnp.where(tile.onehot_TxC, tile.z_TxC, 0.0), axis=1),
-      )
-      return {k: lax.dynamic_update_slice_in_dim(state[k], jnp.where(tile.row_new_T, new[k], old[k]), tile.t0, 0)
-              for k in state}
+      old = {k: tile.slice(x)[:, None] for k, x in state.items()}
+      new = tile_state_update(tuple(old[k] for k in STATE_KEYS), tile.z_TxC, tile.col_new_C[None, :],
+                              tile.onehot_TxC, tile.s_TxC)
+      return {k: lax.dynamic_update_slice_in_dim(state[k], jnp.where(tile.row_new_T, x[:, 0], old[k][:, 0]),
+                                                 tile.t0, 0)
+              for k, x in zip(STATE_KEYS, new)}
 
     return lax.fori_loop(0, plan.token_chunks, token_body, state)
 
-  state = lax.fori_loop(0, plan.vocab_chunks, vocab_body, state)
-  stats, (lse_N, mean_z_N, sum_ps_N) = finalize_stats(state, valid_N, cfg.vocab_axis, cost_VxE is not None)
-  residuals = (hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, stats["p_y"])
-  return stats, residuals
+  return lax.fori_loop(0, plan.vocab_chunks, vocab_body, state)
+
+
+def _backward_vocab_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE, per_token):
+  """(d hidden fp32, d w): d w written once per vocabulary chunk, d hidden accumulated across them."""
+  plan = cfg.plan
+  (n, d) = hidden_NxD.shape
+  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
+  ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
+  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, *per_token.values())
+
+  def vocab_body(j, carry):
+    dh_NxD, dw_DxV = carry
+    w_DxC, e_CxE = _vocab_chunk(cfg, w_DxV, cost_VxE, j)
+
+    def token_body(i, carry):
+      dh_NxD, dw_DxC = carry
+      tile = _Tile(cfg, hidden_NxD, w_DxV, cost_VxE, ey_NxE, local_labels_N, i, j, w_DxC, e_CxE)
+      col = {k: None if x is None else tile.slice(x)[:, None] for k, x in per_token.items()}
+      dz_TxC = tile_dz(tile.z_TxC, tile.col_new_C[None, :], tile.onehot_TxC, tile.s_TxC, col["lse"], col["coef_p"],
+                       col["coef_y"], col["g_entropy"], col["g_emo"])
+      # Rows the clamped tail chunk shares with its predecessor were already counted.
+      dz_TxC = jnp.where(tile.row_new_T[:, None], dz_TxC, 0.0).astype(hidden_NxD.dtype)
+      dh_TxD = lax.dynamic_slice_in_dim(dh_NxD, tile.t0, plan.block_tokens, axis=0)
+      dh_TxD = dh_TxD + dot(dz_TxC, w_DxC, ((1,), (1,)))
+      dh_NxD = lax.dynamic_update_slice_in_dim(dh_NxD, dh_TxD, tile.t0, axis=0)
+      return dh_NxD, dw_DxC + dot(tile.h_TxD, dz_TxC, ((0,), (0,)))
+
+    dw_DxC = _varying(jnp.zeros((d, plan.block_vocab), F32), vma)
+    dh_NxD, dw_DxC = lax.fori_loop(0, plan.token_chunks, token_body, (dh_NxD, dw_DxC))
+    # The head gradient is written chunk by chunk into the output buffer, never accumulated whole
+    # in fp32; columns shared with the previous chunk keep what that chunk wrote.
+    v0 = plan.vocab_start(j)
+    col_new_C = v0 + jnp.arange(plan.block_vocab) >= j * plan.block_vocab
+    old_DxC = _slice(dw_DxV, v0, plan.block_vocab, axis=1)
+    dw_DxC = jnp.where(col_new_C[None, :], dw_DxC.astype(dw_DxV.dtype), old_DxC)
+    dw_DxV = _update_slice(dw_DxV, dw_DxC, v0, axis=1)
+    return dh_NxD, dw_DxV
+
+  carry = (_varying(jnp.zeros((n, d), F32), vma), _varying(jnp.zeros(w_DxV.shape, w_DxV.dtype), vma))
+  return lax.fori_loop(0, plan.vocab_chunks, vocab_body, carry)
+
+
+# ----------------------------------------------------------------------------- token-major order (GPU/TPU plans)
+
+
+class _TokenChunk:
+  """Rows [t0, t0 + size) of the tokens (size static), and the tiles of their logits against vocabulary chunks.
+
+  With the whole local vocabulary in one chunk (the GPU plan) a tile is the full (size, V) logits: no column
+  mask and no slice of the head, so each matmul is one library call over the whole head.
+  """
+
+  def __init__(self, cfg, hidden_NxD, w_DxV, local_labels_N, e_VxE, ey_NxE, t0, size):
+    self.cfg, self.w_DxV, self.e_VxE = cfg, w_DxV, e_VxE
+    self.t0, self.size = t0, size
+    self.h_TxD = _slice(hidden_NxD, t0, size, axis=0)
+    self.labels_T = lax.dynamic_slice_in_dim(local_labels_N, t0, size)
+    self.ey_TxE = None
+    if e_VxE is not None:
+      if ey_NxE is None:  # one vocabulary shard: the label's unit row is a gather from this shard's rows
+        self.ey_TxE = e_VxE[jnp.clip(self.labels_T, 0, e_VxE.shape[0] - 1)]
+      else:
+        self.ey_TxE = lax.dynamic_slice_in_dim(ey_NxE, t0, size, axis=0)
+
+  def slice(self, x_N):
+    return None if x_N is None else lax.dynamic_slice_in_dim(x_N, self.t0, self.size)[:, None]
+
+  def tile(self, j):
+    """(w_DxC, v0, z_TxC, col_ok_1xC or None, hit_TxC, s_TxC or None) of vocabulary chunk j."""
+    plan = self.cfg.plan
+    if plan.vocab_chunks == 1:
+      v0, w_DxC, e_CxE, col_ok_1xC = 0, self.w_DxV, self.e_VxE, None
+      cols_1xC = jnp.arange(plan.vocab)[None, :]
+    else:
+      v0 = plan.vocab_start(j)
+      w_DxC = _slice(self.w_DxV, v0, plan.block_vocab, axis=1)
+      e_CxE = None if self.e_VxE is None else lax.dynamic_slice_in_dim(self.e_VxE, v0, plan.block_vocab, axis=0)
+      cols_1xC = v0 + jnp.arange(plan.block_vocab)[None, :]
+      col_ok_1xC = cols_1xC >= j * plan.block_vocab  # the clamped last chunk overlaps its predecessor
+    z_TxC = dot(self.h_TxD, w_DxC, ((1,), (0,)))
+    hit_TxC = self.labels_T[:, None] == cols_1xC
+    if col_ok_1xC is not None:
+      hit_TxC = hit_TxC & col_ok_1xC
+    s_TxC = None if e_CxE is None else similarity(self.ey_TxE, e_CxE)
+    return w_DxC, v0, z_TxC, col_ok_1xC, hit_TxC, s_TxC
+
+
+def _over_vocab(plan, step, carry):
+  """carry after step(j, carry) for every vocabulary chunk j (no loop for a single chunk)."""
+  if plan.vocab_chunks == 1:
+    return step(0, carry)
+  return lax.fori_loop(0, plan.vocab_chunks, step, carry)
+
+
+def _over_tokens(plan, chunk_fn, carry):
+  """carry after chunk_fn(t0, size, carry) over the whole chunks, then over the static tail (if any)."""
+  bt = plan.block_tokens
+  if plan.full_token_chunks == 1:
+    carry = chunk_fn(0, bt, carry)
+  elif plan.full_token_chunks > 1:
+    carry = lax.fori_loop(0, plan.full_token_chunks, lambda i, c: chunk_fn(i * bt, bt, c), carry)
+  if plan.tail_tokens:
+    carry = chunk_fn(plan.full_token_chunks * bt, plan.tail_tokens, carry)
+  return carry
+
+
+def _unit_cost(cost_VxE, dtype):
+  """The cost rows L2-normalised (fp32 norms) in the compute dtype: once per call, (V, dE) like the input."""
+  return None if cost_VxE is None else unit_rows(cost_VxE).astype(dtype)
+
+
+def _forward_token_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
+  """Online state {m, l, a, b, zy} (N,) each, token chunks outside: each token's state is written once."""
+  plan = cfg.plan
+  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
+  ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
+  e_VxE = _unit_cost(cost_VxE, w_DxV.dtype)
+  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE)
+
+  def chunk_fn(t0, size, state):
+    chunk = _TokenChunk(cfg, hidden_NxD, w_DxV, local_labels_N, e_VxE, ey_NxE, t0, size)
+
+    def vocab_step(j, local):
+      _, _, z_TxC, col_ok_1xC, hit_TxC, s_TxC = chunk.tile(j)
+      return tile_state_update(local, z_TxC, col_ok_1xC, hit_TxC, s_TxC)
+
+    local = _over_vocab(plan, vocab_step, initial_state((size, 1), vma))
+    return {k: lax.dynamic_update_slice_in_dim(state[k], x[:, 0], t0, 0) for k, x in zip(STATE_KEYS, local)}
+
+  state = dict(zip(STATE_KEYS, (x[:, 0] for x in initial_state((hidden_NxD.shape[0], 1), vma))))
+  return _over_tokens(plan, chunk_fn, state)
+
+
+def _backward_token_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE, per_token):
+  """(d hidden, d w fp32): d hidden written once per token chunk, d w accumulated in fp32 across chunks."""
+  plan = cfg.plan
+  n, d = hidden_NxD.shape
+  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
+  ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
+  e_VxE = _unit_cost(cost_VxE, w_DxV.dtype)
+  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, *per_token.values())
+
+  def chunk_fn(t0, size, carry):
+    dh_NxD, dw_DxV = carry
+    chunk = _TokenChunk(cfg, hidden_NxD, w_DxV, local_labels_N, e_VxE, ey_NxE, t0, size)
+    col = {k: chunk.slice(x) for k, x in per_token.items()}
+
+    def vocab_step(j, inner):
+      dh_TxD, dw_DxV = inner
+      w_DxC, v0, z_TxC, col_ok_1xC, hit_TxC, s_TxC = chunk.tile(j)
+      dz_TxC = tile_dz(z_TxC, col_ok_1xC, hit_TxC, s_TxC, col["lse"], col["coef_p"], col["coef_y"],
+                       col["g_entropy"], col["g_emo"]).astype(hidden_NxD.dtype)
+      dh_part_TxD = dot(dz_TxC, w_DxC, ((1,), (1,)))
+      dw_part_DxC = dot(chunk.h_TxD, dz_TxC, ((0,), (0,)))
+      if plan.vocab_chunks == 1:
+        return dh_part_TxD, dw_DxV + dw_part_DxC
+      # Columns of the clamped last chunk shared with its predecessor have dz = 0: adding them is harmless.
+      dw_DxC = lax.dynamic_slice_in_dim(dw_DxV, v0, plan.block_vocab, axis=1) + dw_part_DxC
+      return dh_TxD + dh_part_TxD, lax.dynamic_update_slice_in_dim(dw_DxV, dw_DxC, v0, axis=1)
+
+    dh_TxD = None if plan.vocab_chunks == 1 else _varying(jnp.zeros((size, d), F32), vma)
+    dh_TxD, dw_DxV = _over_vocab(plan, vocab_step, (dh_TxD, dw_DxV))
+    return _update_slice(dh_NxD, dh_TxD.astype(hidden_NxD.dtype), t0, axis=0), dw_DxV
+
+  carry = (_varying(jnp.zeros((n, d), hidden_NxD.dtype), vma), _varying(jnp.zeros(w_DxV.shape, F32), vma))
+  return _over_tokens(plan, chunk_fn, carry)
+
+
+# ----------------------------------------------------------------------------- shared by both orders and Pallas
 
 
 def local_labels(labels_N, ignore_index, vocab_axis, v_local):
@@ -199,7 +411,7 @@ def finalize_stats(state, valid_N, vocab_axis, with_emo):
 
   Returns (stats, (lse, sum_v p_v z_v, sum_v p_v s_v)); the last three are backward residuals.
   """
-  m, l, a, b, zy = (state[k] for k in ("m", "l", "a", "b", "zy"))
+  m, l, a, b, zy = (state[k] for k in STATE_KEYS)
   if vocab_axis is not None:
     # Each shard summed its own vocabulary slice: bring every shard to the global max, then add.
     m_all = lax.pmax(m, vocab_axis)
@@ -251,60 +463,27 @@ def backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N):
   return coef_p_N, coef_y_N, g["entropy"], g["emo"]
 
 
+def _forward(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE):
+  order_forward = _forward_token_major if cfg.plan.order == tiling.TOKEN_MAJOR else _forward_vocab_major
+  state = order_forward(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)
+  valid_N = labels_N != cfg.ignore_index
+  stats, (lse_N, mean_z_N, sum_ps_N) = finalize_stats(state, valid_N, cfg.vocab_axis, cost_VxE is not None)
+  residuals = (hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, stats["p_y"])
+  return stats, residuals
+
+
 def _backward(cfg: StatsConfig, residuals, cts):
   hidden_NxD, w_DxV, labels_N, cost_VxE, lse_N, mean_z_N, sum_ps_N, p_y_N = residuals
-  plan = cfg.plan
-  (n, d), v_local = hidden_NxD.shape, w_DxV.shape[1]
   valid_N = labels_N != cfg.ignore_index
-  local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
-  ey_NxE = None
-  if cost_VxE is not None and cfg.vocab_axis is not None:
-    ey_NxE = label_embedding(cost_VxE, local_labels_N, cfg.vocab_axis)
-
   coef_p_N, coef_y_N, g_entropy, g_emo = backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N)
-  g = {"entropy": g_entropy, "emo": g_emo}
-  use_emo = g_emo is not None
-  cost_for_tiles = cost_VxE if use_emo else None
-  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, coef_p_N, g_entropy, g_emo)
-
-  def vocab_body(j, carry):
-    dh_NxD, dw_DxV = carry
-    w_DxC, e_CxE = _vocab_chunk(cfg, w_DxV, cost_for_tiles, j)
-
-    def token_body(i, carry):
-      dh_NxD, dw_DxC = carry
-      tile = _Tile(cfg, hidden_NxD, w_DxV, cost_for_tiles, ey_NxE, local_labels_N, i, j, w_DxC, e_CxE)
-      p_TxC = jnp.where(tile.col_new_C[None, :], jnp.exp(tile.z_TxC - tile.slice(lse_N)[:, None]), 0.0)
-      coef_TxC = tile.slice(coef_p_N)[:, None]
-      if g["entropy"] is not None:
-        coef_TxC = coef_TxC - tile.slice(g["entropy"])[:, None] * tile.z_TxC
-      if use_emo:
-        coef_TxC = coef_TxC - tile.slice(g["emo"])[:, None] * tile.s_TxC
-      dz_TxC = p_TxC * coef_TxC + jnp.where(tile.onehot_TxC, tile.slice(coef_y_N)[:, None], 0.0)
-      # Rows the clamped tail chunk shares with its predecessor were already counted.
-      dz_TxC = jnp.where(tile.row_new_T[:, None], dz_TxC, 0.0).astype(hidden_NxD.dtype)
-      dh_TxD = lax.dynamic_slice_in_dim(dh_NxD, tile.t0, plan.block_tokens, axis=0)
-      dh_TxD = dh_TxD + dot(dz_TxC, w_DxC, ((1,), (1,)))
-      dh_NxD = lax.dynamic_update_slice_in_dim(dh_NxD, dh_TxD, tile.t0, axis=0)
-      return dh_NxD, dw_DxC + dot(tile.h_TxD, dz_TxC, ((0,), (0,)))
-
-    dw_DxC = _varying(jnp.zeros((d, plan.block_vocab), F32), vma)
-    dh_NxD, dw_DxC = lax.fori_loop(0, plan.token_chunks, token_body, (dh_NxD, dw_DxC))
-    # The head gradient is written chunk by chunk into the output buffer, never accumulated whole
-    # in fp32; columns shared with the previous chunk keep what that chunk wrote.
-    v0 = plan.vocab_start(j)
-    col_new_C = v0 + jnp.arange(plan.block_vocab) >= j * plan.block_vocab
-    old_DxC = _slice(dw_DxV, v0, plan.block_vocab, axis=1)
-    dw_DxC = jnp.where(col_new_C[None, :], dw_DxC.astype(dw_DxV.dtype), old_DxC)
-    dw_DxV = _update_slice(dw_DxV, dw_DxC, v0, axis=1)
-    return dh_NxD, dw_DxV
-
-  carry = (_varying(jnp.zeros((n, d), F32), vma), _varying(jnp.zeros(w_DxV.shape, w_DxV.dtype), vma))
-  dh_NxD, dw_DxV = lax.fori_loop(0, plan.vocab_chunks, vocab_body, carry)
+  per_token = dict(lse=lse_N, coef_p=coef_p_N, coef_y=coef_y_N, g_entropy=g_entropy, g_emo=g_emo)
+  cost_for_tiles = cost_VxE if g_emo is not None else None
+  order_backward = _backward_token_major if cfg.plan.order == tiling.TOKEN_MAJOR else _backward_vocab_major
+  dh_NxD, dw_DxV = order_backward(cfg, hidden_NxD, w_DxV, labels_N, cost_for_tiles, per_token)
   d_labels = np.zeros(labels_N.shape, jax.dtypes.float0)
   # The cost embedding is always under stop-gradient.
   d_cost = None if cost_VxE is None else jnp.zeros_like(cost_VxE)
-  return dh_NxD.astype(hidden_NxD.dtype), dw_DxV, d_labels, d_cost
+  return dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(w_DxV.dtype), d_labels, d_cost
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -326,16 +505,20 @@ _stats.defvjp(_stats_fwd, _stats_bwd, symbolic_zeros=True)
 
 
 def token_stats(hidden_NxD, w_DxV, labels_N, cost_VxE=None, *, ignore_index=-100, block_tokens=None,
-                block_vocab=None, vocab_axis=None):
+                block_vocab=None, vocab_axis=None, platform=None):
   """maxlm.losses.token_stats of hidden @ w, tile by tile: ce, entropy, p_y, mask (+ emo with cost).
 
-  Differentiable in hidden and w (gradients in their dtypes); cost_VxE is always stop-gradient.
-  Entropy is exact (entropy_floor is a reference-only clamp, DESIGN.md section 4). vocab_axis: the
-  mesh axis w (d, V/k) and cost (V/k, dE) are sharded over, when called inside shard_map.
+  Differentiable in hidden and w (gradients in their dtypes); cost_VxE is always stop-gradient. The matmuls
+  run in the promotion of hidden's and w's dtypes with fp32 accumulation, EMO's similarities too; softmax,
+  logs and sums are fp32. Entropy is exact (entropy_floor is a reference-only clamp, DESIGN.md section 4).
+  platform: whose tile plan to use ("cpu" | "gpu" | "tpu"; default: the default backend's), and
+  block_tokens / block_vocab override its sizes. vocab_axis: the mesh axis w (d, V/k) and cost (V/k, dE) are
+  sharded over, when called inside shard_map.
   """
-  plan = tiling.make_plan(hidden_NxD.shape[0], w_DxV.shape[1], block_tokens=block_tokens,
-                          block_vocab=block_vocab)
+  plan = tiling.make_plan(hidden_NxD.shape[0], w_DxV.shape[1], platform=platform or jax.default_backend(),
+                          block_tokens=block_tokens, block_vocab=block_vocab)
   cfg = StatsConfig(plan=plan, ignore_index=ignore_index, vocab_axis=vocab_axis)
+  dtype = compute_dtype(hidden_NxD, w_DxV)
   if cost_VxE is not None:
     cost_VxE = lax.stop_gradient(cost_VxE)
-  return _stats(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)
+  return _stats(cfg, hidden_NxD.astype(dtype), w_DxV.astype(dtype), labels_N, cost_VxE)

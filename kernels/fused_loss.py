@@ -14,13 +14,14 @@ from jax.sharding import PartitionSpec as P
 
 from maxlm import losses
 from maxlm.errors import ConfigError
-from maxlm.kernels import blockwise
+from maxlm.kernels import blockwise, tiling
 
 IMPLS = ("auto", "reference", "blockwise", "pallas")
 # Platforms where "auto" picks the Pallas kernels. Empty until a hardware run validates them: the
-# kernels pass interpret-mode tests on CPU, but their Triton / Mosaic lowering has not yet run on a
-# GPU or TPU, and the trainer's default must not depend on unvalidated kernels. Add "gpu" / "tpu"
-# here after tests/test_fused_loss.py passes with impl="pallas" on that machine.
+# kernels pass interpret-mode tests and lower (Triton IR / Mosaic) on CPU, but have never run on a GPU or
+# TPU, and the trainer's default must not depend on unvalidated kernels. Add "gpu" / "tpu" here only after
+# benchmarks/device_check.py shows impl="pallas" correct on that machine AND faster than the blockwise plan
+# (on GPU the Triton backward's atomics make that unlikely: DESIGN.md section 10).
 PALLAS_AUTO_PLATFORMS: tuple[str, ...] = ()
 # Mesh axes (DESIGN.md / maxlm.sharding): tokens are split over these, the vocabulary over TENSOR_AXIS.
 TOKEN_AXES = ("data", "fsdp")
@@ -33,6 +34,11 @@ def _platform(mesh) -> str:
   return jax.default_backend()
 
 
+def _plan_platform(platform: str) -> str:
+  """The blockwise plan for a device platform: its own, or the GPU plan for any other accelerator."""
+  return platform if platform in tiling.PLATFORMS else "gpu"
+
+
 def resolve_impl(impl: str, mesh=None) -> str:
   """The implementation `impl` stands for on this platform: "auto" is pallas where validated, else blockwise."""
   if impl not in IMPLS:
@@ -42,13 +48,17 @@ def resolve_impl(impl: str, mesh=None) -> str:
   return impl
 
 
-def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret):
+def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret, tile_plan):
   """A function (hidden, w, labels, cost, ignore_index, vocab_axis) -> token stats for `impl`."""
   if impl == "blockwise":
+    plan_platform = tiling.check_platform(tile_plan) if tile_plan is not None else _plan_platform(platform)
+
     def stats(hidden, w, labels, cost, ignore_index, vocab_axis):
-      return blockwise.token_stats(hidden, w, labels, cost, ignore_index=ignore_index,
-                                   block_tokens=block_tokens, block_vocab=block_vocab, vocab_axis=vocab_axis)
+      return blockwise.token_stats(hidden, w, labels, cost, ignore_index=ignore_index, block_tokens=block_tokens,
+                                   block_vocab=block_vocab, vocab_axis=vocab_axis, platform=plan_platform)
     return stats
+  if tile_plan is not None:
+    raise ConfigError(f"fused_loss tile_plan={tile_plan!r} chooses a blockwise plan; impl={impl!r} has its own tiles")
   from maxlm.kernels import pallas_common  # local: Pallas imports are heavy and backend-specific
   return pallas_common.stats_fn(platform, block_tokens=block_tokens, block_vocab=block_vocab,
                                   interpret=interpret)
@@ -56,14 +66,19 @@ def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret)
 
 def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "auto", cost_embedding=None,
                mesh=None, block_tokens: int | None = None, block_vocab: int | None = None,
-               interpret: Any = None, **objective_kwargs):
+               interpret: Any = None, tile_plan: str | None = None, **objective_kwargs):
   """(loss, metrics) of `objective` on hidden (N, d) @ lm_head (d, V) without building the logits.
 
   Equals maxlm.losses.compute(objective, hidden @ lm_head, labels, cost_embedding=..., **kwargs),
   with gradients for hidden and lm_head in their dtypes (cost_embedding is always stop-gradient).
   impl: "reference" (materialised fp32 logits), "blockwise" (pure JAX, any backend), "pallas"
   (GPU/TPU kernels; on CPU only with interpret="gpu" or "tpu", for tests), "auto" (pallas on the
-  platforms in PALLAS_AUTO_PLATFORMS, blockwise elsewhere). block_tokens/block_vocab: tile sizes (any N, V work).
+  platforms in PALLAS_AUTO_PLATFORMS, blockwise elsewhere). Blockwise tiles follow the tile plan of the mesh's
+  platform (kernels/tiling.py: cpu 1024 x 512 vocabulary-major; gpu/tpu 2048-4096 tokens x the whole local
+  vocabulary, token-major); tile_plan="cpu"|"gpu"|"tpu" picks another platform's plan, and
+  block_tokens/block_vocab override its sizes (any N, V work). Pallas kernels have their own tiles.
+  The matmuls run in the promotion of hidden's and lm_head's dtypes with fp32 accumulation (EMO's similarity
+  matmul too); softmax, logs and reductions run in fp32.
   mesh: a Mesh with axes ("data", "fsdp", "tensor"); with more than one device the fused impls run
   under shard_map with tokens split over data/fsdp and the head's vocabulary over tensor.
   Fused impls compute the entropy exactly: MiLe's reference-mode floor (1e-8) is not applied, a
@@ -96,7 +111,7 @@ def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "a
     raise ConfigError(
       f"fused_loss impl {impl!r} computes the entropy exactly; entropy_floor={floor} needs impl='reference'")
   stats_fn = _stats_fn(impl, _platform(mesh), block_tokens=block_tokens, block_vocab=block_vocab,
-                       interpret=interpret)
+                       interpret=interpret, tile_plan=tile_plan)
 
   if mesh is None or mesh.size == 1:
     stats = stats_fn(hidden, lm_head, labels, cost_embedding, ignore_index, None)

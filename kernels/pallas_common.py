@@ -18,7 +18,7 @@ from jax.custom_derivatives import CustomVJPPrimal
 from maxlm.kernels import blockwise
 
 F32 = jnp.float32
-STATE_KEYS = ("m", "l", "a", "b", "zy")
+STATE_KEYS = blockwise.STATE_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,35 +28,14 @@ class KernelConfig:
   block_tokens: int
   block_vocab: int
   block_d: int  # contraction chunk: the (bt, d) x (d, bv) tile matmul runs as d / block_d steps
+  block_e: int  # EMO's cost width is padded to a multiple of this (Triton: its contraction chunk)
   ignore_index: int
   vocab_axis: Any
   interpret: Any  # False, or the interpret flag/params pallas_call takes
 
 
-def tile_state_update(state, z_TxC, col_ok_1xC, hit_TxC, s_TxC):
-  """One tile of the online softmax: state arrays are (bt, 1); the same algebra as blockwise._forward."""
-  m_old, l_old, a_old, b_old, zy_old = state
-  z_masked = jnp.where(col_ok_1xC, z_TxC, -jnp.inf)
-  m_new = jnp.maximum(m_old, jnp.max(z_masked, axis=1, keepdims=True))
-  e_TxC = jnp.exp(z_masked - m_new)
-  scale = jnp.exp(m_old - m_new)
-  shift = jnp.where(l_old > 0, m_old - m_new, 0.0)  # m_old = -inf before the first tile
-  l_new = scale * l_old + jnp.sum(e_TxC, axis=1, keepdims=True)
-  a_new = scale * (a_old + shift * l_old) + jnp.sum(e_TxC * (z_TxC - m_new), axis=1, keepdims=True)
-  b_new = b_old if s_TxC is None else scale * b_old + jnp.sum(e_TxC * s_TxC, axis=1, keepdims=True)
-  zy_new = zy_old + jnp.sum(jnp.where(hit_TxC, z_TxC, 0.0), axis=1, keepdims=True)
-  return m_new, l_new, a_new, b_new, zy_new
-
-
-def tile_dz(z_TxC, col_ok_1xC, hit_TxC, s_TxC, lse_Tx1, coef_p_Tx1, coef_y_Tx1, g_h_Tx1, g_emo_Tx1):
-  """dL/dz on one tile: p * (coef_p - g_H z - g_emo s) + onehot(y) * coef_y (blockwise.backward_coefficients)."""
-  p_TxC = jnp.where(col_ok_1xC, jnp.exp(z_TxC - lse_Tx1), 0.0)
-  coef_TxC = coef_p_Tx1
-  if g_h_Tx1 is not None:
-    coef_TxC = coef_TxC - g_h_Tx1 * z_TxC
-  if g_emo_Tx1 is not None:
-    coef_TxC = coef_TxC - g_emo_Tx1 * s_TxC
-  return p_TxC * coef_TxC + jnp.where(hit_TxC, coef_y_Tx1, 0.0)
+tile_state_update = blockwise.tile_state_update
+tile_dz = blockwise.tile_dz
 
 
 def _pad_to(x, axis, multiple):
@@ -74,22 +53,29 @@ class Padded:
   hidden_NxD: jax.Array
   w_DxV: jax.Array
   labels_Nx1: jax.Array  # local column of the label, -1 where ignored or on another shard
-  ey_NxE: jax.Array | None  # unit cost embedding of each label (EMO only)
-  cost_VxE: jax.Array | None  # raw cost rows; kernels normalise each tile
+  ey_NxE: jax.Array | None  # unit cost embedding of each label, compute dtype (EMO only)
+  cost_VxE: jax.Array | None  # unit cost rows, compute dtype: kernels take them as they are
   n: int
   v_valid: int
 
 
 def pad_operands(cfg: KernelConfig, hidden_NxD, w_DxV, labels_N, cost_VxE) -> Padded:
+  """Pads every operand to whole tiles; hidden and w must share their dtype (fused_loss casts them)."""
+  if hidden_NxD.dtype != w_DxV.dtype:
+    raise ValueError(f"Pallas fused loss needs hidden and lm_head in one dtype, got {hidden_NxD.dtype} and "
+                     f"{w_DxV.dtype} (fused_loss casts both to their promotion)")
   n, v_local = hidden_NxD.shape[0], w_DxV.shape[1]
+  dtype = hidden_NxD.dtype
   local_N = blockwise.local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, v_local)
   ey_NxE = None
   if cost_VxE is not None:
-    # The label's cost row is gathered once per call ((N, dE), not per tile as in blockwise): a
-    # gather inside a kernel is not portable across Triton and Mosaic.
-    ey_NxE = _pad_to(_pad_to(blockwise.label_embedding(cost_VxE, local_N, cfg.vocab_axis), 0, cfg.block_tokens),
-                     1, 128)
-    cost_VxE = _pad_to(_pad_to(cost_VxE, 0, cfg.block_vocab), 1, 128)
+    # Rows are normalised once here in fp32, then cast to the compute dtype: the similarity matmul runs in
+    # it with fp32 accumulation (DESIGN.md section 4). The label's row is gathered once per call ((N, dE), not
+    # per tile): a gather inside a kernel is not portable across Triton and Mosaic. The width is padded with
+    # zeros to a multiple of block_e (Triton tiles are powers of two; 768 -> 12 chunks of 64).
+    ey_NxE = blockwise.label_embedding(cost_VxE, local_N, cfg.vocab_axis).astype(dtype)
+    ey_NxE = _pad_to(_pad_to(ey_NxE, 0, cfg.block_tokens), 1, cfg.block_e)
+    cost_VxE = _pad_to(_pad_to(blockwise.unit_rows(cost_VxE).astype(dtype), 0, cfg.block_vocab), 1, cfg.block_e)
   # Padding the head copies it; choose block_vocab dividing V (32000 = 250 x 128) to avoid that.
   hidden_NxD = _pad_to(_pad_to(hidden_NxD, 0, cfg.block_tokens), 1, cfg.block_d)
   w_DxV = _pad_to(_pad_to(w_DxV, 0, cfg.block_d), 1, cfg.block_vocab)
@@ -166,8 +152,12 @@ def stats_fn(platform: str, *, block_tokens=None, block_vocab=None, interpret=No
     from maxlm.kernels import pallas_tpu as module
 
   def stats(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, vocab_axis):
+    dtype = blockwise.compute_dtype(hidden_NxD, w_DxV)
+    hidden_NxD, w_DxV = hidden_NxD.astype(dtype), w_DxV.astype(dtype)
+    d_emb = None if cost_VxE is None else cost_VxE.shape[1]
+    blocks = module.blocks(hidden_NxD.shape, w_DxV.shape, d_emb, dtype, block_tokens, block_vocab)
     cfg = KernelConfig(backend=kernel, ignore_index=ignore_index, vocab_axis=vocab_axis, interpret=interpret_arg,
-                       **module.blocks(hidden_NxD.shape, w_DxV.shape, block_tokens, block_vocab))
+                       **blocks)
     if cost_VxE is not None:
       cost_VxE = lax.stop_gradient(cost_VxE)
     return module.stats(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)

@@ -1,6 +1,8 @@
 """Pallas GPU (Triton backend) kernels of the fused loss: forward online softmax, backward with atomic adds.
 
-Owns the GPU loop structure; the tile math, padding and custom VJP are in pallas_common.
+Owns the GPU loop structure; the tile math, padding and custom VJP are in pallas_common. An explicit
+impl="pallas" option only: jax 0.11 deprecates the Triton backend, and the backward's fp32 atomics (one
+per 64 x 128 tile and d chunk) make it slower than the blockwise GPU plan by estimate (DESIGN.md section 10).
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from maxlm.kernels import pallas_common as pc
 from maxlm.kernels import tiling
 
 F32 = jnp.float32
-# Triton needs power-of-two blocks; 64 x 128 tiles with a 64-wide contraction keep the fp32
-# accumulator and both operand tiles in registers/shared memory at d = 4096.
-DEFAULT_BLOCKS = dict(block_tokens=64, block_vocab=128, block_d=64)
+DEFAULT_BLOCKS = tiling.TRITON_BLOCKS
 
 
 def _compiler_params(num_warps=4, num_stages=2):
@@ -37,8 +37,17 @@ def _tile_logits(h_ref, w_ref, j, cfg, n_d):
 
 
 def _similarity(ey_ref, cost_ref, j, cfg):
-  e_CxE = blockwise.unit_rows(cost_ref[pl.ds(j * cfg.block_vocab, cfg.block_vocab), :])
-  return blockwise.dot(ey_ref[...], e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
+  """s = e_y . e_v of the (bt, bv) tile in block_e chunks of the (padded) cost width: every loaded block is a
+  power of two, as Triton requires. Rows are unit and in the compute dtype already (pallas_common)."""
+  bt, bv, be = cfg.block_tokens, cfg.block_vocab, cfg.block_e
+  n_e = ey_ref.shape[1] // be
+
+  def body(k, acc):
+    ey_k = ey_ref[:, pl.ds(k * be, be)]
+    e_k = cost_ref[pl.ds(j * bv, bv), pl.ds(k * be, be)]
+    return acc + blockwise.dot(ey_k, e_k, ((1,), (1,)))
+
+  return lax.fori_loop(0, n_e, body, jnp.zeros((bt, bv), F32))
 
 
 def forward(cfg: pc.KernelConfig, padded: pc.Padded):
@@ -144,10 +153,8 @@ def backward(cfg: pc.KernelConfig, padded: pc.Padded, lse, coef_p, coef_y, g_h, 
 stats = pc.make_stats((forward, backward))
 
 
-def blocks(hidden_shape, w_shape, block_tokens=None, block_vocab=None):
-  """Block sizes for these shapes: powers of two (Triton), never much larger than the array."""
+def blocks(hidden_shape, w_shape, d_emb, dtype, block_tokens=None, block_vocab=None):
+  """Block sizes for these shapes (tiling.triton_blocks: powers of two; others are refused)."""
+  del dtype  # Triton's tiles do not depend on it
   (n, d), v = hidden_shape, w_shape[1]
-  fit = lambda want, size: min(want, max(16, tiling.next_power_of_2(size)))
-  return dict(block_tokens=fit(block_tokens or DEFAULT_BLOCKS["block_tokens"], n),
-              block_vocab=fit(block_vocab or DEFAULT_BLOCKS["block_vocab"], v),
-              block_d=fit(DEFAULT_BLOCKS["block_d"], d))
+  return tiling.triton_blocks(n, d, v, d_emb, block_tokens, block_vocab)

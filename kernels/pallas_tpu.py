@@ -14,10 +14,9 @@ from maxlm.kernels import pallas_common as pc
 from maxlm.kernels import tiling
 
 F32 = jnp.float32
-# Tiles are multiples of the (8, 128) vreg; the whole contraction d sits in VMEM per tile
-# ((256, 4096) bf16 = 2 MB for h, (4096, 512) bf16 = 4 MB for w, double-buffered).
-DEFAULT_BLOCKS = dict(block_tokens=256, block_vocab=512)
-VMEM_LIMIT_BYTES = 64 * 1024 * 1024
+# The tile plan (tiling.tpu_kernel_blocks): token blocks of 1024, vocabulary blocks of a multiple of 128
+# lanes sized to the VMEM budget, the whole contraction d in VMEM per tile.
+VMEM_LIMIT_BYTES = tiling.TPU_VMEM_LIMIT_BYTES
 
 
 def _compiler_params(semantics):
@@ -25,13 +24,11 @@ def _compiler_params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
 
 
-def blocks(hidden_shape, w_shape, block_tokens=None, block_vocab=None):
-  """Block sizes for these shapes: tokens a multiple of 8, vocabulary of 128, the contraction whole."""
+def blocks(hidden_shape, w_shape, d_emb, dtype, block_tokens=None, block_vocab=None):
+  """Block sizes for these shapes (tiling.tpu_kernel_blocks); EMO's cost width pads to whole 128-lane vregs."""
   (n, d), v = hidden_shape, w_shape[1]
-  round_up = lambda x, m: tiling.cdiv(x, m) * m
-  return dict(block_tokens=min(round_up(block_tokens or DEFAULT_BLOCKS["block_tokens"], 8), round_up(n, 8)),
-              block_vocab=min(round_up(block_vocab or DEFAULT_BLOCKS["block_vocab"], 128), round_up(v, 128)),
-              block_d=round_up(d, 128))
+  plan = tiling.tpu_kernel_blocks(n, d, v, d_emb, jnp.dtype(dtype).itemsize, block_tokens, block_vocab)
+  return dict(plan, block_e=128)
 
 
 def _tile(cfg, padded, h_ref, w_ref, y_ref, ey_ref, cost_ref, j):
@@ -39,10 +36,8 @@ def _tile(cfg, padded, h_ref, w_ref, y_ref, ey_ref, cost_ref, j):
   bv = cfg.block_vocab
   z_TxC = blockwise.dot(h_ref[...], w_ref[...], ((1,), (0,)))
   cols_1xC = j * bv + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
-  s_TxC = None
-  if ey_ref is not None:
-    e_CxE = blockwise.unit_rows(cost_ref[...])
-    s_TxC = blockwise.dot(ey_ref[...], e_CxE, ((1,), (1,)), precision=lax.Precision.HIGHEST)
+  # Rows are unit and in the compute dtype already (pallas_common): the similarity is one MXU matmul.
+  s_TxC = None if ey_ref is None else blockwise.similarity(ey_ref[...], cost_ref[...])
   return z_TxC, cols_1xC < padded.v_valid, cols_1xC == y_ref[...], s_TxC
 
 

@@ -1,6 +1,6 @@
-"""The tiling plan every fused-loss implementation shares: block sizes, chunk counts and tail handling.
+"""The tile plans of the fused loss, one per platform: block sizes, loop order, chunk counts and tail handling.
 
-Blockwise clamps its last tile and masks the overlap (no copies); Pallas pads operands to whole tiles.
+Blockwise plans for cpu / gpu / tpu, the Pallas Triton blocks and the Mosaic TPU kernel blocks all live here.
 """
 
 from __future__ import annotations
@@ -9,28 +9,73 @@ import dataclasses
 
 from maxlm.errors import ConfigError
 
-# Why these defaults: a 1024 x 512 fp32 tile is 2 MB, small next to the 131 MB (d, V) head gradient
-# at d=1024, V=32000, yet each tile matmul (1024 x d x 512) is big enough to run near peak on CPU.
+PLATFORMS = ("cpu", "gpu", "tpu")
+# Loop orders of the blockwise path. vocab_major: vocabulary chunks outside, token chunks inside; d lm_head is
+# written once per vocabulary chunk and d hidden accumulates in fp32 across them (the CPU plan: small tiles, the
+# head gradient never held whole in fp32). token_major: token chunks outside; d hidden is written once per token
+# chunk and d lm_head accumulates in fp32 across token chunks (the GPU/TPU plans: few, large matmuls).
+VOCAB_MAJOR = "vocab_major"
+TOKEN_MAJOR = "token_major"
+
+# CPU, measured (docs/BENCHMARKS.md): a 1024 x 512 fp32 tile is 2 MB, small next to the 131 MB (d, V) head
+# gradient at d=1024, V=32000, yet each tile matmul (1024 x d x 512) is big enough to run near peak on CPU.
 DEFAULT_BLOCK_TOKENS = 1024
 DEFAULT_BLOCK_VOCAB = 512
+# GPU/TPU blockwise: token chunks with the whole local vocabulary, so that each of the three matmuls of a chunk
+# (logits, d hidden, d lm_head) is one large library call (cuBLAS on GPU), as in Liger's fused linear CE and
+# MaxText's vocabulary tiling. The chunk's fp32 logits are bounded by CHUNK_LOGITS_BYTES; the largest token
+# count of TOKEN_CHOICES that fits is taken, and only a vocabulary too large for the smallest one is split.
+TOKEN_CHOICES = {"gpu": (4096, 2048), "tpu": (4096, 2048, 1024)}
+CHUNK_LOGITS_BYTES = {"gpu": 1 << 30, "tpu": 256 << 20}  # TPUs have less HBM per chip (16 GB on v5e)
+VOCAB_ALIGN = 128  # a split vocabulary chunk stays a multiple of the MXU / tensor-core width
+
+# Pallas Triton (GPU): power-of-two blocks. 64 x 128 tiles with 64-wide contraction chunks keep the fp32
+# accumulator and both operand tiles in registers / shared memory at any d.
+TRITON_BLOCKS = dict(block_tokens=64, block_vocab=128, block_d=64, block_e=64)
+TRITON_MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
+
+# Pallas Mosaic (TPU): token blocks of 1024 (few passes over the head), vocabulary blocks of a multiple of 128
+# lanes, the whole contraction d in VMEM. The vocabulary block is the largest of TPU_VOCAB_CHOICES whose
+# estimated VMEM (double-buffered blocks + tile temporaries) fits TPU_VMEM_BUDGET; only where even 128 does
+# not fit (d above ~4.6k in bf16) does the token block drop below 1024.
+TPU_KERNEL_BLOCK_TOKENS = 1024
+TPU_VOCAB_CHOICES = (512, 256, 128)
+TPU_VMEM_LIMIT_BYTES = 64 * 1024 * 1024
+TPU_VMEM_BUDGET = int(0.9 * TPU_VMEM_LIMIT_BYTES)  # headroom for Mosaic's own scratch
 
 
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def round_up(x: int, multiple: int) -> int:
+  return cdiv(x, multiple) * multiple
+
+
+def next_power_of_2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def is_power_of_2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TilePlan:
-  """Static tiling of an (N, V) logits matrix into (block_tokens, block_vocab) tiles.
+  """Static tiling of an (N, V) logits matrix into (block_tokens, block_vocab) tiles, visited in `order`.
 
-  Blocks are clamped to the array (a block never exceeds N or V). The last chunk of each axis
-  starts at `size - block` so that a slice never leaves the array; the rows/columns it shares with
-  the previous chunk are masked by `is_new`, so every token and vocabulary entry counts once.
+  Blocks are clamped to the array (a block never exceeds N or V). Clamped chunks: the last chunk of an axis
+  starts at `size - block` so that a slice never leaves the array; the rows/columns it shares with the
+  previous chunk are masked by `is_new`, so every token and vocabulary entry counts once. The token-major
+  order instead runs `full_token_chunks` whole chunks and then one static tail of `tail_tokens` rows, so each
+  row of d hidden is written exactly once, with no mask and no read-back.
   """
   n_tokens: int
   vocab: int
   block_tokens: int
   block_vocab: int
+  order: str = VOCAB_MAJOR
+  platform: str = "cpu"
 
   @property
   def token_chunks(self) -> int:
@@ -40,12 +85,26 @@ class TilePlan:
   def vocab_chunks(self) -> int:
     return cdiv(self.vocab, self.block_vocab)
 
+  @property
+  def full_token_chunks(self) -> int:
+    return self.n_tokens // self.block_tokens
+
+  @property
+  def tail_tokens(self) -> int:
+    return self.n_tokens - self.full_token_chunks * self.block_tokens
+
   def token_start(self, i):
     """Start row of token chunk i (traced or static): clamped so the block stays inside N."""
     return _clamped_start(i, self.block_tokens, self.n_tokens)
 
   def vocab_start(self, j):
     return _clamped_start(j, self.block_vocab, self.vocab)
+
+  def chunk_logits_bytes(self) -> int:
+    return self.block_tokens * self.block_vocab * 4
+
+  def describe(self) -> str:
+    return f"{self.platform}: {self.block_tokens} tokens x {self.block_vocab} vocab, {self.order}"
 
 
 def _clamped_start(i, block, size):
@@ -55,18 +114,90 @@ def _clamped_start(i, block, size):
   return jnp.minimum(i * block, size - block)
 
 
-def make_plan(n_tokens: int, vocab: int, *, block_tokens: int | None = None,
+def check_platform(platform: str) -> str:
+  if platform not in PLATFORMS:
+    raise ConfigError(f"fused_loss tile_plan must be one of {list(PLATFORMS)}, got {platform!r}")
+  return platform
+
+
+def platform_blocks(platform: str, n_tokens: int, vocab: int) -> tuple[int, int, str]:
+  """(block_tokens, block_vocab, order) of `platform`'s blockwise plan for N tokens and a local vocabulary V."""
+  check_platform(platform)
+  if platform == "cpu":
+    return DEFAULT_BLOCK_TOKENS, DEFAULT_BLOCK_VOCAB, VOCAB_MAJOR
+  budget = CHUNK_LOGITS_BYTES[platform]
+  choices = TOKEN_CHOICES[platform]
+  fitting = [bt for bt in choices if bt * vocab * 4 <= budget]
+  if fitting:
+    return fitting[0], vocab, TOKEN_MAJOR
+  smallest = choices[-1]
+  block_vocab = max(VOCAB_ALIGN, budget // (smallest * 4) // VOCAB_ALIGN * VOCAB_ALIGN)
+  return smallest, block_vocab, TOKEN_MAJOR
+
+
+def make_plan(n_tokens: int, vocab: int, *, platform: str = "cpu", block_tokens: int | None = None,
               block_vocab: int | None = None) -> TilePlan:
-  block_tokens = DEFAULT_BLOCK_TOKENS if block_tokens is None else block_tokens
-  block_vocab = DEFAULT_BLOCK_VOCAB if block_vocab is None else block_vocab
+  """`platform`'s plan for N tokens x V (local) vocabulary; block_tokens / block_vocab override its sizes."""
+  planned_tokens, planned_vocab, order = platform_blocks(platform, n_tokens, vocab)
+  block_tokens = planned_tokens if block_tokens is None else block_tokens
+  block_vocab = planned_vocab if block_vocab is None else block_vocab
   for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ConfigError(f"fused_loss: {name} must be a positive int, got {value!r}")
   if n_tokens < 1 or vocab < 1:
     raise ConfigError(f"fused_loss: need at least one token and one vocabulary entry, got N={n_tokens}, V={vocab}")
   return TilePlan(n_tokens=n_tokens, vocab=vocab, block_tokens=min(block_tokens, n_tokens),
-                  block_vocab=min(block_vocab, vocab))
+                  block_vocab=min(block_vocab, vocab), order=order, platform=platform)
 
 
-def next_power_of_2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
+# ----------------------------------------------------------------------------- Pallas kernels
+
+
+def triton_blocks(n_tokens: int, d: int, vocab: int, d_emb: int | None, block_tokens=None, block_vocab=None):
+  """Blocks of the Pallas Triton kernel: powers of two >= 16 (Triton's rule), never much larger than the array.
+
+  A user block that is not a power of two is refused with the nearest valid choices (rounding silently would
+  run a different tile than the one asked for).
+  """
+  for name, value in (("block_tokens", block_tokens), ("block_vocab", block_vocab)):
+    if value is not None and (not isinstance(value, int) or not is_power_of_2(value) or value < TRITON_MIN_BLOCK):
+      upper = max(TRITON_MIN_BLOCK, next_power_of_2(value)) if isinstance(value, int) and value > 0 else 64
+      lower = max(TRITON_MIN_BLOCK, upper // 2)
+      raise ConfigError(
+        f"fused_loss impl='pallas' on GPU (Triton) needs {name} a power of two >= {TRITON_MIN_BLOCK}, got {value!r}:"
+        f" use {' or '.join(str(c) for c in sorted({lower, upper}))}, or leave it unset for {TRITON_BLOCKS[name]}")
+
+  def fit(want, size):
+    return min(want, max(TRITON_MIN_BLOCK, next_power_of_2(size)))
+
+  return dict(block_tokens=fit(block_tokens or TRITON_BLOCKS["block_tokens"], n_tokens),
+              block_vocab=fit(block_vocab or TRITON_BLOCKS["block_vocab"], vocab),
+              block_d=fit(TRITON_BLOCKS["block_d"], d),
+              block_e=fit(TRITON_BLOCKS["block_e"], d_emb or 1))
+
+
+def tpu_kernel_vmem_bytes(block_tokens: int, block_vocab: int, d: int, d_emb: int, itemsize: int) -> int:
+  """Estimated VMEM of the largest Mosaic fused-loss kernel (the d-hidden backward): double-buffered input and
+  output blocks plus ~4 fp32 (bt, bv) tile temporaries (logits, probabilities, dz, similarities)."""
+  d_pad, e_pad = round_up(d, 128), round_up(d_emb, 128) if d_emb else 0
+  inputs = (block_tokens * d_pad + d_pad * block_vocab + (block_tokens + block_vocab) * e_pad) * itemsize
+  dh_out = block_tokens * d_pad * 4
+  dw_out = d_pad * block_vocab * 4
+  return 2 * inputs + 2 * max(dh_out, dw_out) + 4 * block_tokens * block_vocab * 4
+
+
+def tpu_kernel_blocks(n_tokens: int, d: int, vocab: int, d_emb: int | None, itemsize: int, block_tokens=None,
+                      block_vocab=None):
+  """Blocks of the Mosaic TPU kernel: tokens a multiple of 8 (>= 1024 by default), vocabulary of 128, d whole."""
+  n_cap, v_cap = round_up(n_tokens, 8), round_up(vocab, 128)
+  if block_tokens is not None or block_vocab is not None:  # the user's sizes, aligned to the vreg
+    bt = min(round_up(block_tokens or TPU_KERNEL_BLOCK_TOKENS, 8), n_cap)
+    bv = min(round_up(block_vocab or TPU_VOCAB_CHOICES[0], 128), v_cap)
+    return dict(block_tokens=bt, block_vocab=bv, block_d=round_up(d, 128))
+  bt = min(TPU_KERNEL_BLOCK_TOKENS, n_cap)
+  while True:
+    for bv in TPU_VOCAB_CHOICES:
+      bv = min(bv, v_cap)
+      if tpu_kernel_vmem_bytes(bt, bv, d, d_emb or 0, itemsize) <= TPU_VMEM_BUDGET or bt <= 8:
+        return dict(block_tokens=bt, block_vocab=bv, block_d=round_up(d, 128))
+    bt = max(8, round_up(bt // 2, 8))

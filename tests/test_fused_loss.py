@@ -15,7 +15,7 @@ import pytest
 
 from maxlm import losses
 from maxlm.errors import ConfigError
-from maxlm.kernels import blockwise, fused_loss
+from maxlm.kernels import blockwise, fused_loss, tiling
 
 N, D, V, D_EMB = 37, 16, 53, 11
 TILES = dict(block_tokens=8, block_vocab=16)  # N, V, dE are multiples of neither
@@ -240,6 +240,228 @@ def test_blockwise_temp_memory_is_a_tile_not_the_logits():
   assert temp_bytes("blockwise") < logits_bytes / 8 < temp_bytes("reference")
 
 
+# ----------------------------------------------------------------------------- tile plans per platform
+
+# Token-major (GPU/TPU) order: split, clamped vocabulary chunks (53 = 3 x 16 + 5) with a static token tail
+# (37 = 4 x 8 + 5), for every objective; the whole vocabulary per chunk (the GPU plan's shape), with a tail and
+# as one chunk, for the objectives that exercise each backward term (entropy, similarity, p_y).
+SPLIT_VOCAB = dict(block_tokens=8, block_vocab=16)
+WHOLE_VOCAB_CASES = [(tiles_id, tiles, o, kw) for tiles_id, tiles in (("whole-vocab", dict(block_tokens=8)),
+                                                                    ("one-chunk", dict()))
+                     for o, kw in (("ce", {}), ("mile", {"reduction": "reference"}),
+                                   ("emo", {"mode": 2, "gt_trick": True}), ("tvd", {"ratio": 0.3}))]
+
+
+def _check_token_major(tiles, objective, kwargs):
+  inputs = make_inputs()
+  rtol = 5e-5 if kwargs.get("reduction") == "reference" else 1e-5
+  assert_close(fused("blockwise", objective, kwargs, *inputs, tile_plan="gpu", **tiles),
+               reference(objective, kwargs, *inputs), rtol, f"gpu plan {tiles}")
+
+
+@pytest.mark.parametrize("objective,kwargs", OBJECTIVES, ids=IDS)
+def test_token_major_plan_matches_reference_fp32(objective, kwargs):
+  _check_token_major(SPLIT_VOCAB, objective, kwargs)
+
+
+@pytest.mark.parametrize("tiles_id,tiles,objective,kwargs", WHOLE_VOCAB_CASES,
+                         ids=[f"{c[0]}-{c[2]}" for c in WHOLE_VOCAB_CASES])
+def test_token_major_whole_vocabulary_matches_reference(tiles_id, tiles, objective, kwargs):
+  _check_token_major(tiles, objective, kwargs)
+
+
+def test_plans_per_platform():
+  cpu = tiling.make_plan(16384, 32000, platform="cpu")
+  assert (cpu.block_tokens, cpu.block_vocab, cpu.order) == (1024, 512, tiling.VOCAB_MAJOR)
+  # GPU at the 7B shape: the largest token chunk of 2048-4096 whose fp32 logits fit 1 GiB, the whole vocabulary.
+  gpu = tiling.make_plan(16384, 32000, platform="gpu")
+  assert (gpu.block_tokens, gpu.block_vocab, gpu.order) == (4096, 32000, tiling.TOKEN_MAJOR)
+  for v in (32000, 128256, 256000, 1_000_000):
+    plan = tiling.make_plan(65536, v, platform="gpu")
+    assert 2048 <= plan.block_tokens <= 4096 and plan.chunk_logits_bytes() <= 1 << 30
+    # whole vocabulary unless even 2048 tokens of it exceed the bound; a split chunk is a multiple of 128
+    assert (plan.block_vocab == v) == (2048 * v * 4 <= 1 << 30)
+    assert plan.block_vocab == v or plan.block_vocab % 128 == 0
+  tpu = tiling.make_plan(16384, 32000, platform="tpu")
+  assert tpu.order == tiling.TOKEN_MAJOR and tpu.block_tokens >= 1024 and tpu.chunk_logits_bytes() <= 256 << 20
+  # Overrides replace sizes, keep the order; blocks never exceed the array.
+  over = tiling.make_plan(100, 50, platform="gpu", block_tokens=30)
+  assert (over.block_tokens, over.block_vocab, over.full_token_chunks, over.tail_tokens) == (30, 50, 3, 10)
+  with pytest.raises(ConfigError, match="tile_plan"):
+    tiling.make_plan(10, 10, platform="metal")
+
+
+def test_default_plan_follows_the_mesh_platform():
+  hidden_NxD, w_DxV, labels_N, _ = make_inputs()
+  seen = []
+  original = blockwise.token_stats
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["platform"])
+    return original(*args, **kwargs)
+
+  blockwise.token_stats = spy
+  try:
+    fused_loss(hidden_NxD, w_DxV, labels_N, impl="blockwise")
+    fused_loss(hidden_NxD, w_DxV, labels_N, impl="blockwise", tile_plan="gpu")
+  finally:
+    blockwise.token_stats = original
+  assert seen == [jax.default_backend(), "gpu"]
+  with pytest.raises(ConfigError, match="tile_plan"):
+    fused_loss(hidden_NxD, w_DxV, labels_N, impl="pallas", interpret="gpu", tile_plan="gpu")
+
+
+def test_gpu_plan_memory_is_bounded_by_its_chunk():
+  # Compile only: temp is a few chunks of logits plus the fp32 head gradient and d hidden, never (N, V).
+  n, d, v, bt = 16384, 64, 4096, 2048
+  args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((v, 64), jnp.float32))
+
+  def temp_bytes(objective, impl, **opts):
+    def f(h, w, y, e):
+      return fused_loss(h, w, y, objective=objective, impl=impl, cost_embedding=e if objective == "emo" else None,
+                        **opts)[0]
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  chunk, logits = bt * v * 4, n * v * 4
+  for objective in ("ce", "mile", "emo"):
+    bound = 4 * chunk + d * v * 4 + 2 * n * d * 4
+    got = temp_bytes(objective, "blockwise", tile_plan="gpu", block_tokens=bt)
+    assert got < bound < logits < temp_bytes(objective, "reference"), (objective, got, bound)
+
+
+# ----------------------------------------------------------------------------- precision: compute dtype, fp32 math
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general of a jaxpr and of the jaxprs nested in it (loops, custom VJPs, pallas kernels)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _dot_generals(inner)
+
+
+@pytest.mark.parametrize("impl,opts", [("blockwise", {"tile_plan": "cpu"}), ("blockwise", {"tile_plan": "gpu"}),
+                                       ("pallas", {"interpret": "gpu"}), ("pallas", {"interpret": "tpu"})],
+                         ids=["cpu-plan", "gpu-plan", "triton", "mosaic"])
+def test_bf16_matmuls_run_in_bf16_without_highest(impl, opts):
+  # DESIGN.md section 4: every matmul of the fused paths, EMO's similarity included, takes the compute dtype's
+  # operands with fp32 accumulation; no HIGHEST (which would run bf16 inputs as multi-pass fp32 on GPU).
+  hidden_NxD, w_DxV, labels_N, cost_VxE = make_inputs(jnp.bfloat16)
+
+  def f(h, w):
+    return fused_loss(h, w, labels_N, objective="emo", impl=impl, cost_embedding=cost_VxE, **opts)[0]
+
+  dots = list(_dot_generals(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(hidden_NxD, w_DxV).jaxpr))
+  assert len(dots) >= 6  # logits, similarity (forward and backward), d hidden, d lm_head
+  for eqn in dots:
+    assert all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars), eqn
+    assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+    precision = eqn.params["precision"]
+    assert precision is None or jax.lax.Precision.HIGHEST not in tuple(precision), eqn
+
+
+@pytest.mark.parametrize("tile_plan", ["cpu", "gpu"])
+@pytest.mark.parametrize("kwargs", [{}, {"mode": 2, "gt_trick": True}], ids=["mode1", "mode2-gt"])
+def test_bf16_emo_matches_the_fp32_reference(tile_plan, kwargs):
+  # The same values in bf16 and fp32: the only difference is the compute precision. bf16 products are exact in
+  # fp32, so the logits are fp32-exact; the unit cost rows round to bf16 (2^-9 relative) and average out in
+  # sum_v p_v s_v, so loss and metrics agree to 1e-4; the gradients pass through dz rounded to bf16: 1e-2 of
+  # their largest entry.
+  h, w, y, _ = make_inputs(jnp.bfloat16, n=300, v=500)
+  cost_VxE = jnp.asarray(np.random.default_rng(5).standard_normal((500, 64)), jnp.float32)
+  got = fused("blockwise", "emo", kwargs, h, w, y, cost_VxE, tile_plan=tile_plan, block_tokens=64,
+              block_vocab=128 if tile_plan == "cpu" else None)
+  (loss_w, metrics_w), grads_w = reference("emo", kwargs, h.astype(jnp.float32), w.astype(jnp.float32), y, cost_VxE)
+  (loss_g, metrics_g), grads_g = got
+  np.testing.assert_allclose(float(loss_g), float(loss_w), rtol=1e-4)
+  for k in metrics_w:
+    np.testing.assert_allclose(float(metrics_g[k]), float(metrics_w[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+  for name, g, want in zip(("d hidden", "d lm_head"), grads_g, grads_w):
+    assert g.dtype == jnp.bfloat16
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(want) / scale, atol=1e-2, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- Pallas: the three lowering fixes
+
+
+def _lower(kernel, shapes, objective="emo", **opts):
+  """Lowers value_and_grad of the Pallas fused loss for `kernel`'s platform on this CPU (Triton IR / Mosaic)."""
+  platform = {"gpu": "cuda", "tpu": "tpu"}[kernel]
+  module = sys.modules["maxlm.kernels.fused_loss"]
+  saved = module._platform
+  module._platform = lambda mesh: kernel  # what a GPU / TPU process would see
+  try:
+    def f(h, w, y, e):
+      return fused_loss(h, w, y, objective=objective, impl="pallas", cost_embedding=e, **opts)[0]
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in shapes]
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1))).trace(*args).lower(lowering_platforms=(platform,))
+  finally:
+    module._platform = saved
+
+
+def _shapes(n, d, v, d_emb, hidden_dtype=jnp.bfloat16, head_dtype=jnp.bfloat16):
+  return [((n, d), hidden_dtype), ((d, v), head_dtype), ((n,), jnp.int32), ((v, d_emb), jnp.float32)]
+
+
+@pytest.mark.parametrize("case", ["emo-dE768", "bf16-hidden-fp32-head", "7b-emo-dE4096", "7b-mile"])
+def test_triton_kernel_lowers(case):
+  # The Pallas -> Triton lowering runs on CPU; it used to fail on a cost width that is no power of two and on
+  # mixed hidden / head dtypes. (Compiling the Triton IR to PTX and running it needs a GPU: benchmarks/device_check.)
+  shapes, objective = {
+    "emo-dE768": (_shapes(300, 200, 1000, 768), "emo"),
+    "bf16-hidden-fp32-head": (_shapes(300, 200, 1000, 11, head_dtype=jnp.float32), "emo"),
+    "7b-emo-dE4096": (_shapes(16384, 4096, 32000, 4096), "emo"),
+    "7b-mile": (_shapes(16384, 4096, 32000, 1), "mile"),
+  }[case]
+  assert "triton" in _lower("gpu", shapes, objective).as_text().lower()
+
+
+@pytest.mark.parametrize("case", ["emo-dE768-fp32-head", "7b-emo-dE4096"])
+def test_mosaic_kernel_lowers(case):
+  shapes = {"emo-dE768-fp32-head": _shapes(2100, 200, 1000, 768, head_dtype=jnp.float32),
+            "7b-emo-dE4096": _shapes(16384, 4096, 32000, 4096)}[case]
+  assert "tpu_custom_call" in _lower("tpu", shapes).as_text()
+
+
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
+def test_pallas_interpret_fixed_cases(kernel):
+  # The lowering fixes, checked for values: a cost width padded to whole chunks (768 -> 12 x 64 / 6 x 128),
+  # a bf16 hidden with an fp32 head (both cast to their promotion, fp32, as hidden @ lm_head does).
+  hidden_NxD, w_DxV, labels_N, _ = make_inputs()
+  cost_VxE = jnp.asarray(np.random.default_rng(6).standard_normal((V, 768)), jnp.float32)
+  got = fused("pallas", "emo", {}, hidden_NxD, w_DxV, labels_N, cost_VxE, interpret=kernel)
+  assert_close(got, reference("emo", {}, hidden_NxD, w_DxV, labels_N, cost_VxE), 1e-5, "dE=768")
+  hidden_bf16 = hidden_NxD.astype(jnp.bfloat16)
+  got = fused("pallas", "mile", {}, hidden_bf16, w_DxV, labels_N, cost_VxE, interpret=kernel)
+  want = reference("mile", {}, hidden_bf16, w_DxV, labels_N, cost_VxE)  # its logits: bf16 @ fp32 -> fp32
+  assert_close(got, want, 1e-5, "bf16 hidden, fp32 head")
+
+
+def test_triton_refuses_block_sizes_that_are_no_power_of_two():
+  hidden_NxD, w_DxV, labels_N, _ = make_inputs()
+  for blocks in (dict(block_tokens=48), dict(block_vocab=100), dict(block_tokens=8)):
+    with pytest.raises(ConfigError, match="power of two"):
+      fused_loss(hidden_NxD, w_DxV, labels_N, impl="pallas", interpret="gpu", **blocks)
+  assert tiling.triton_blocks(37, 16, 53, None, 64, 32)["block_tokens"] == 64  # valid sizes pass unchanged
+
+
+def test_tpu_kernel_plan_takes_1024_token_blocks():
+  # At the 7B shape (d=4096, bf16) the Mosaic plan keeps 1024-token blocks and fits its VMEM budget.
+  blocks = tiling.tpu_kernel_blocks(16384, 4096, 32000, None, 2)
+  assert blocks["block_tokens"] == 1024 and blocks["block_vocab"] % 128 == 0
+  assert tiling.tpu_kernel_vmem_bytes(1024, blocks["block_vocab"], 4096, 0, 2) <= tiling.TPU_VMEM_BUDGET
+  # and runs with them: 1100 tokens are two 1024-token blocks (the second mostly padding).
+  inputs = make_inputs(n=1100, v=300)
+  got = fused("pallas", "emo", {}, *inputs, interpret="tpu")
+  assert_close(got, reference("emo", {}, *inputs), 1e-5, "tpu 1024-token blocks")
+
+
 SHARDED_SCRIPT = textwrap.dedent("""
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import AxisType
@@ -253,16 +475,19 @@ SHARDED_SCRIPT = textwrap.dedent("""
   e = jnp.asarray(rng.standard_normal((v, de)), jnp.float32)
   y = rng.integers(0, v, n); y[[1, 7, 30]] = -100; y = jnp.asarray(y, jnp.int32)
   cases = [("ce", {}), ("mile", {"reduction": "reference"}), ("emo", {}), ("tvd", {})]
-  runs = [(AxisType.Auto, o, kw, "blockwise", None) for o, kw in cases]
+  runs = [(AxisType.Auto, o, kw, "blockwise", {}) for o, kw in cases]
+  # The token-major (GPU/TPU) plan, whole local vocabulary and split vocabulary chunks.
+  runs += [(AxisType.Auto, o, kw, "blockwise", {"tile_plan": "gpu", "block_vocab": None}) for o, kw in cases]
+  runs += [(AxisType.Auto, "emo", {}, "blockwise", {"tile_plan": "tpu", "block_vocab": 8})]
   # Pallas is not run here: its interpret mode's grid scan fails JAX's shard_map vma check (jax 0.10.2).
-  runs += [(AxisType.Explicit, "emo", {}, "blockwise", None), (AxisType.Auto, "mile", {}, "reference", None)]
-  for axis_type, objective, kw, impl, interpret in runs:
+  runs += [(AxisType.Explicit, "emo", {}, "blockwise", {}), (AxisType.Auto, "mile", {}, "reference", {})]
+  for axis_type, objective, kw, impl, extra in runs:
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
-    extra = {} if interpret is None else {"interpret": interpret}
+    tiles = {} if impl == "reference" else {"block_tokens": 4, "block_vocab": 8}
+    tiles.update(extra)
     def run(mesh_arg):
       def f(h, w):
-        return fused_loss(h, w, y, objective=objective, impl=impl, cost_embedding=e, mesh=mesh_arg,
-                          block_tokens=4, block_vocab=8, **extra, **kw)
+        return fused_loss(h, w, y, objective=objective, impl=impl, cost_embedding=e, mesh=mesh_arg, **tiles, **kw)
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
     (l1, m1), g1 = run(None)
     (l2, m2), g2 = run(mesh)

@@ -1,0 +1,166 @@
+"""Attention backends behind `model.attention`: XLA and cuDNN through jax.nn.dot_product_attention, splash on TPU.
+
+Owns the backend dispatch and the splash kernel's wiring: causal and document (segment-id) masks, GQA layout, mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from maxlm.errors import ConfigError
+
+BACKENDS = ("auto", "xla", "cudnn", "splash")
+# Splash tiles: the largest of these dividing the sequence (Mosaic needs kv blocks of whole 128-lane vregs).
+SPLASH_BLOCKS = (512, 256, 128)
+# Mesh axes the batch and the heads are split over (maxlm.sharding's rules for activations).
+BATCH_AXES = ("data", "fsdp")
+HEADS_AXIS = "tensor"
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()  # each warning once per process, not once per trace
+
+
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, backend: str = "auto", mask_Bx1xTxT=None, segment_ids_BxT=None,
+              platform: str | None = None, mesh=None):
+  """Causal self-attention with grouped KV heads (N query heads, K kv heads, N % K == 0), scaled by 1/sqrt(H).
+
+  backend: "auto" (XLA on CPU, JAX's choice elsewhere: cuDNN flash on GPU where it applies), "xla", "cudnn",
+  or "splash" (the Pallas TPU kernel; TPU interpret mode on CPU, for tests). Document masking: segment_ids_BxT
+  (tokens attend only within their segment) or an equivalent boolean mask_Bx1xTxT (seg_q == seg_k).
+  mesh: with more than one device, splash runs per shard under shard_map (batch over data/fsdp, heads over tensor).
+  """
+  if backend not in BACKENDS:
+    raise ConfigError(f"unknown model.attention {backend!r}; valid: {list(BACKENDS)}")
+  if platform is None:
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  if backend == "splash" and not _splash_fits(q_BxTxNxH, k_BxTxKxH):
+    # A prompt's prefill has any length: it takes JAX's attention (training shapes are checked by the config).
+    _warn_once(f"model.attention=splash needs self-attention over a multiple of 128 positions; q {q_BxTxNxH.shape}, "
+               f"k {k_BxTxKxH.shape} run jax.nn.dot_product_attention instead")
+    backend = "auto"
+  if backend == "splash":
+    if segment_ids_BxT is None and mask_Bx1xTxT is not None:
+      segment_ids_BxT = segment_ids_from_mask(mask_Bx1xTxT)
+    return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT, platform=platform,
+                            mesh=mesh)
+  if mask_Bx1xTxT is None and segment_ids_BxT is not None:
+    mask_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+  impl = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[backend]
+  if impl is None and platform == "cpu":
+    impl = "xla"
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=True,
+                                      implementation=impl, scale=1.0 / math.sqrt(q_BxTxNxH.shape[-1]))
+
+
+def _splash_fits(q_BxTxNxH, k_BxTxKxH) -> bool:
+  return q_BxTxNxH.shape[1] == k_BxTxKxH.shape[1] and q_BxTxNxH.shape[1] % SPLASH_BLOCKS[-1] == 0
+
+
+def _warn_once(message: str):
+  if message not in _warned:
+    _log.warning(message)
+    _warned.add(message)
+
+
+def segment_ids_from_mask(mask_Bx1xTxT):
+  """Segment ids equivalent to a document mask seg_q == seg_k: each token's id is the first position of its
+  segment (the first True of its row). Exact for any mask that is an equivalence relation of positions."""
+  return jnp.argmax(mask_Bx1xTxT[:, 0], axis=-1).astype(jnp.int32)
+
+
+def splash_block(seq_len: int) -> int:
+  for block in SPLASH_BLOCKS:
+    if seq_len % block == 0:
+      return block
+  raise ConfigError(
+    f"model.attention=splash needs train.seq_len a multiple of 128 (the TPU lane width), got {seq_len}:"
+    f" use {max(128, seq_len // 128 * 128)} or {(seq_len // 128 + 1) * 128}, or model.attention=xla")
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
+  """The splash kernel for causal self-attention of `heads` heads (the mask info is built once, in numpy)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len)) for _ in range(heads)])
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  interpret_arg = False
+  if interpret:
+    from jax.experimental.pallas import tpu as pltpu
+    interpret_arg = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+  # Concrete mask-info arrays: the kernel is cached across traces, so nothing in it may be a tracer.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret_arg)
+
+
+def _splash_interpret(platform: str) -> bool:
+  if platform == "tpu":
+    return False
+  if platform == "cpu":
+    _warn_once("model.attention=splash on CPU runs the TPU kernel in interpret mode: correct but slow (tests)")
+    return True
+  raise ConfigError(f"model.attention=splash is the Pallas TPU kernel and has no {platform} lowering:"
+                    " on GPU use model.attention=cudnn (or auto)")
+
+
+def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, platform: str | None = None,
+                     mesh=None, block: int | None = None):
+  """Causal (and, with segment ids, document-masked) attention through the Pallas TPU splash kernel.
+
+  block: the q/kv tile (default: the largest of SPLASH_BLOCKS dividing T)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  if k_BxTxKxH.shape[1] != T or N % K:
+    raise ValueError(f"splash self-attention needs q (B, T, N, H) and k/v (B, T, K, H) with N % K == 0; got "
+                     f"{q_BxTxNxH.shape} and {k_BxTxKxH.shape}")
+  block = block or splash_block(T)
+  interpret = _splash_interpret(platform or jax.default_backend())
+  # Splash takes unscaled logits: fold 1/sqrt(H) into q (jax.nn.dot_product_attention scales the logits).
+  q_BxNxTxH = (q_BxTxNxH * (1.0 / math.sqrt(H))).astype(q_BxTxNxH.dtype).transpose(0, 2, 1, 3)
+  k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+  with_segments = segment_ids_BxT is not None
+
+  def local(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT):
+    # Query head n reads kv head n // (N / K), as jax.nn.dot_product_attention's GQA does.
+    kernel = _splash_kernel(q_BxNxTxH.shape[1], T, block, interpret)
+
+    def one(args):
+      q, k, v, s = args
+      return kernel(q, k, v) if s is None else kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+
+    args = (q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT)
+    # On TPU the batch folds into the kernel's grid (vmap); the TPU interpret mode cannot batch a kernel
+    # (jax 0.10: its grid and dimension semantics disagree under vmap), so there rows run one after another.
+    return jax.lax.map(one, args) if interpret else jax.vmap(one)(args)
+
+  seg = segment_ids_BxT.astype(jnp.int32) if with_segments else None
+  if mesh is None or mesh.size == 1:
+    out_BxNxTxH = local(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, seg)
+  else:
+    out_BxNxTxH = _sharded(local, mesh, q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, seg)
+  return out_BxNxTxH.transpose(0, 2, 1, 3)
+
+
+def _sharded(local, mesh, q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, seg_BxT):
+  """The kernel per shard: a pallas_call has no partitioning rule, so it runs under shard_map."""
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+  heads = HEADS_AXIS if HEADS_AXIS in mesh.axis_names else None
+  n_heads_shards = mesh.shape[heads] if heads else 1
+  if k_BxKxTxH.shape[1] % n_heads_shards:
+    raise ConfigError(f"model.attention=splash under mesh.tensor={n_heads_shards} needs the kv heads "
+                      f"({k_BxKxTxH.shape[1]}) divisible by it")
+  head_spec = P(batch, heads, None, None)
+  in_specs = (head_spec, head_spec, head_spec, None if seg_BxT is None else P(batch, None))
+  # Interpret mode's grid loop trips shard_map's varying-axes check; the kernel is per-shard by construction.
+  fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=head_spec, check_vma=False)
+  return fn(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, seg_BxT)
