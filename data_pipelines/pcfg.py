@@ -289,7 +289,9 @@ class Grammar:
     return [self.token_id.get(w, unk) for w in words]
 
   def decode(self, ids) -> str:
-    return " ".join(self.vocab[int(i)] for i in ids)
+    """Words of token ids; ids past the grammar's vocabulary (a model's padded vocab) read as <unk>."""
+    unk = self.vocab[-1]
+    return " ".join(self.vocab[int(i)] if 0 <= int(i) < len(self.vocab) else unk for i in ids)
 
   def to_hf_tokenizer(self):
     """The word-level tokenizer as a `tokenizers.Tokenizer` (same ids, unknown words -> `<unk>`), e.g. to save

@@ -484,6 +484,9 @@ def _check_features(cfg: Config) -> None:
     raise ConfigError("loss.reduction = 'reference' applies to loss.objective = 'mile' only")
   if cfg.run.profile_steps:
     profile_range(cfg.run.profile_steps)
+  if cfg.model.attention == "splash" and cfg.train.seq_len % 128:
+    raise ConfigError(f"model.attention = 'splash' (TPU splash attention) needs train.seq_len divisible by 128, got "
+                      f"{cfg.train.seq_len}; change train.seq_len or use model.attention=auto")
   unknown = [t for t in cfg.lora.targets if t not in LORA_TARGETS]
   if unknown:
     raise ConfigError(f"lora.targets {unknown} (from {cfg.origin('lora.targets')}): no such projection; choose from "

@@ -1,0 +1,189 @@
+"""maxlm's training step against transformers + torch eager: same LLaMA, same weights, same batch, same AdamW.
+
+Owns nothing the library uses; prints one JSON line per shape with both sides' step times (interleaved runs).
+
+  python benchmarks/torch_step_compare.py                       # demo and 134M shapes, 2 threads, 15 rounds
+  python benchmarks/torch_step_compare.py --shapes demo --rounds 30 --objectives ce,mile
+
+Both sides run fp32 on the CPU with one thread budget: the process is pinned to `--threads` cores before jax or
+torch load, which bounds XLA's intra-op pool (sized from the schedulable cores) and torch.set_num_threads(threads)
+alike. XLA_FLAGS is left as the caller set it; the JSON records it. Each round times one step of every side in a
+rotating order, so load from other jobs on a shared machine hits all sides alike; medians and quartiles reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def pin_threads(threads: int) -> list[int]:
+  """Pins this process to `threads` of its cores (before jax/torch create their pools); returns them."""
+  cores = sorted(os.sched_getaffinity(0))
+  if threads > len(cores):
+    raise SystemExit(f"--threads {threads}: only {len(cores)} cores are schedulable here")
+  os.sched_setaffinity(0, cores[:threads])
+  return cores[:threads]
+
+
+# Shapes: (preset, overrides). "mid" is train_throughput.py --mid: a 134M LLaMA, 4 x 256 tokens.
+def shape_overrides(name: str) -> list[str]:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from train_throughput import MID_100M  # pylint: disable=import-outside-toplevel
+  base = ["checkpoint.enabled=false", "model.compute_dtype=float32", "model.param_dtype=float32"]
+  return base + {"demo": [], "mid": MID_100M}[name]
+
+
+def maxlm_side(preset: str, overrides: list[str], objective: str, local_batch: dict):
+  """(compiled step, state, batch, cfg) of maxlm's train step for `objective`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from maxlm import sharding, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+
+  cfg = load_config(preset, overrides + [f"loss.objective={objective}"], num_devices=jax.device_count())
+  lay = state_lib.layout(cfg)
+  step_fn, _ = step_lib.make_train_step(lay)
+  state = state_lib.init_state(lay)
+  batch = sharding.global_batch(lay.mesh, local_batch)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+  compiled = step_fn.lower(lay.abstract, abstract_batch).compile()
+
+  def run(state):
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    return state, float(metrics["loss"])
+
+  return run, state, cfg, lay
+
+
+def torch_side(cfg, params: dict, local_batch: dict, attention: str):
+  """A step function of LlamaForCausalLM with maxlm's initial weights, CE loss, clipping and AdamW as maxlm's."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from maxlm import convert, hf_names, optim  # pylint: disable=import-outside-toplevel
+
+  hf = convert.hf_config(cfg, dtype="float32", bos_id=None, eos_id=None)
+  config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+  config._attn_implementation = attention  # pylint: disable=protected-access
+  model = transformers.LlamaForCausalLM(config).float().train()
+
+  def read(t):
+    array = params
+    for k in t.key:
+      array = array[k]
+    return np.asarray(array[t.layer] if t.layer is not None else array)
+
+  state_dict = {t.hf_name: torch.from_numpy(np.array(a, np.float32)) for t, a in hf_names.unstack(params, read)}
+  missing, unexpected = model.load_state_dict(state_dict, strict=False)
+  if unexpected or [m for m in missing if "rotary" not in m]:
+    raise SystemExit(f"weight mismatch: missing {missing}, unexpected {unexpected}")
+  o = cfg.optim
+  named = list(model.named_parameters())
+  # maxlm.optim.weight_decay_mask: matrices (embedding included) decay, norm scales do not.
+  decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
+  no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  schedule = optim.learning_rate_schedule(cfg)
+  lrs = [float(schedule(i)) for i in range(cfg.train.steps)]
+  inputs = torch.from_numpy(local_batch["inputs"]).long()
+  targets = torch.from_numpy(local_batch["targets"]).long().reshape(-1)
+  params_list = [p for _, p in named]
+  counter = {"step": 0}
+
+  def run(_):
+    for group in opt.param_groups:  # optax applies the schedule of step t to update t: the same here
+      group["lr"] = lrs[min(counter["step"], len(lrs) - 1)]
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params_list, o.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    counter["step"] += 1
+    return None, float(loss.detach())
+
+  return run
+
+
+def summarise(times: list[float], tokens: int) -> dict:
+  q1, med, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+  med = statistics.median(times)
+  return {"median_s": round(med, 4), "q1_s": round(q1, 4), "q3_s": round(q3, 4), "min_s": round(min(times), 4),
+          "max_s": round(max(times), 4), "tokens_per_sec": round(tokens / med, 1)}
+
+
+def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attention: str) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
+  overrides = shape_overrides(shape)
+  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  cfg0 = load_config("demo", overrides, num_devices=jax.device_count())
+  B, T, V = cfg0.train.global_batch, cfg0.train.seq_len, cfg0.model.vocab_size
+  rng = np.random.default_rng(0)
+  local = {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
+           "targets": rng.integers(0, V, (B, T), dtype=np.int32)}
+  sides, states = {}, {}
+  for objective in objectives:
+    run, state, cfg, lay = maxlm_side("demo", overrides, objective, local)
+    if "torch" not in sides:  # torch starts from the same initial weights (same seed on every maxlm side)
+      params = jax.device_get(lay.model_params(state))
+      sides["torch"] = torch_side(cfg, params, local, attention)
+      states["torch"] = None
+    sides[f"maxlm_{objective}"], states[f"maxlm_{objective}"] = run, state
+  first_loss = {}
+  for name, run in sides.items():
+    for i in range(warmup):
+      states[name], loss = run(states[name])
+      if i == 0:
+        first_loss[name] = round(loss, 5)
+  times = {name: [] for name in sides}
+  names = list(sides)
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+      t0 = time.perf_counter()
+      states[name], _ = sides[name](states[name])
+      times[name].append(time.perf_counter() - t0)
+  tokens = B * T
+  out = {"shape": shape, "tokens_per_step": tokens, "B": B, "T": T, "vocab": V, "hidden": cfg0.model.hidden,
+         "layers": cfg0.model.layers, "rounds": rounds, "first_step_loss": first_loss,
+         "torch_attention": attention, "torch_threads": torch.get_num_threads(),
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__}
+  for name, ts in times.items():
+    out[name] = summarise(ts, tokens)
+  for name in names:
+    if name != "torch":
+      out[f"{name}_vs_torch_tokens_per_sec"] = round(out[name]["tokens_per_sec"] / out["torch"]["tokens_per_sec"], 3)
+  if "maxlm_mile" in out and "maxlm_ce" in out:
+    out["mile_over_ce_step_time"] = round(out["maxlm_mile"]["median_s"] / out["maxlm_ce"]["median_s"], 3)
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--shapes", default="demo,mid", help="comma list of demo (4M, 16 x 128) and mid (134M, 4 x 256)")
+  p.add_argument("--objectives", default="ce,mile", help="maxlm objectives (torch runs CE)")
+  p.add_argument("--rounds", type=int, default=15, help="timed steps per side")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"])
+  args = p.parse_args()
+  cores = pin_threads(args.threads)
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(args.threads)
+  for shape in args.shapes.split(","):
+    row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention)
+    row["cores"] = cores
+    row["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
