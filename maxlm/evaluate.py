@@ -215,45 +215,60 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
 # ----------------------------------------------------------------------------- CLI
 
 
+def _harness_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m maxlm.evaluate harness",
+                              description="lm-evaluation-harness on the exported checkpoint")
+  p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
+  p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+  p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest finalised)")
+  p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
+  p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+  p.add_argument("--device", default="cpu", help="torch device for lm-eval's hf model (cpu, cuda, cuda:0, ...)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the export and run")
+  p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
+  p.add_argument("--output", default=None, help="results JSON (default: RUN_DIR/eval/harness_stepN_TASKS.json)")
+  return p
+
+
+def _loss_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m maxlm.evaluate",
+                              description="loss and perplexity of a checkpoint (or: `harness --help`, `mauve -h`)")
+  p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
+  p.add_argument("--data", default=None, help="token store dir or .jsonl/.txt file (default: the run's data)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest finalised)")
+  p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train.seq_len)")
+  p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+  p.add_argument("--num-batches", type=int, default=0, help="per domain; 0 = a whole file / 64 store batches")
+  p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                 help="matmul dtype (default: the run's model.compute_dtype)")
+  p.add_argument("--text-field", default="text", help="JSONL field path of a record's text")
+  p.add_argument("--domain-field", default="", help="JSONL field path of the domain (default: domain, "
+                                                   "meta.pile_set_name)")
+  p.add_argument("--format", default="text", choices=["text", "sft"], dest="data_format",
+                 help="sft: --data is instruction data (Alpaca JSON or chat JSONL), CE on response tokens only")
+  p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/...)")
+  return p
+
+
+def build_parsers() -> dict[str, argparse.ArgumentParser]:
+  """The parsers of `python -m maxlm.evaluate` (loss), `... harness` and `... mauve`."""
+  from maxlm import mauve_eval  # pylint: disable=import-outside-toplevel
+  return {"loss": _loss_parser(), "harness": _harness_parser(), "mauve": mauve_eval.build_parser()}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "mauve":
     from maxlm import mauve_eval  # pylint: disable=import-outside-toplevel
     return mauve_eval.main(argv[1:])
   if argv and argv[0] == "harness":
-    p = argparse.ArgumentParser(prog="python -m maxlm.evaluate harness",
-                                description="lm-evaluation-harness on the exported checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
-    p.add_argument("--output", default=None)
-    args = p.parse_args(argv[1:])
+    args = _harness_parser().parse_args(argv[1:])
     run = lambda: harness(args.checkpoint, [t for t in args.tasks.split(",") if t], step=args.step,  # noqa: E731
                           num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                           device=args.device, dtype=args.dtype, include_path=args.include_path, output=args.output)
   else:
-    p = argparse.ArgumentParser(prog="python -m maxlm.evaluate",
-                                description="loss and perplexity of a checkpoint (or: `harness --help`, `mauve -h`)")
-    p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
-    p.add_argument("--data", default=None, help="token store dir or .jsonl/.txt file (default: the run's data)")
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-batches", type=int, default=0, help="per domain; 0 = a whole file / 64 store batches")
-    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--domain-field", default="", help="JSONL field path of the domain (default: domain, "
-                                                     "meta.pile_set_name)")
-    p.add_argument("--format", default="text", choices=["text", "sft"], dest="data_format",
-                   help="sft: --data is instruction data (Alpaca JSON or chat JSONL), CE on response tokens only")
-    p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/...)")
-    args = p.parse_args(argv)
+    args = _loss_parser().parse_args(argv)
     run = lambda: evaluate(args.checkpoint, args.data, step=args.step, seq_len=args.seq_len,  # noqa: E731
                            batch_size=args.batch_size, num_batches=args.num_batches,
                            compute_dtype=args.compute_dtype, text_field=args.text_field,

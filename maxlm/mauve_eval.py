@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-samples", type=int, default=1000, help="documents used, in file order (0 = all)")
   p.add_argument("--seed", type=int, default=0, help="sampling and MAUVE's k-means seed")
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default: pure sampling")
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0 = all)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
   p.add_argument("--featurize-max-length", type=int, default=1024, help="featurizer tokens per text (mauve's)")
   p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/mauve_stepN_DATA.json)")
   return p
