@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from maxlm import model as model_lib
-from maxlm import optim, plan, sharding, train
+from maxlm import plan, sharding
 from maxlm import state as state_lib
 from maxlm import step as step_lib
 from maxlm.config import load_config

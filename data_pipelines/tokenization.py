@@ -229,3 +229,21 @@ def special_ids(data_cfg) -> tuple[int, int]:
     ids.append(int(found) if found is not None else fallback)
   eos, pad = ids
   return eos, (eos if pad is None else pad)
+
+
+def carry_tokenizer(data_cfg, staging_dir: str, final_dir: str) -> str | None:
+  """Copies the tokenizer file data.tokenizer names (with its HF companions: tokenizer_config, special tokens,
+  chat template) into staging_dir/tokenizer/ and points data.tokenizer at final_dir/tokenizer/, so a written run
+  (an import, a derived checkpoint) keeps its own tokenizer. Returns the source path, or None when the config names
+  no tokenizer file (a PCFG or token-store tokenizer travels with its data spec)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  source = data_cfg.tokenizer
+  if not source or not os.path.isfile(source):
+    return None
+  folder = os.path.dirname(os.path.abspath(source))
+  names = {os.path.basename(source)} | {f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))}
+  os.makedirs(os.path.join(staging_dir, "tokenizer"), exist_ok=True)
+  for name in sorted(names):
+    shutil.copy(os.path.join(folder, name), os.path.join(staging_dir, "tokenizer", name))
+  data_cfg.tokenizer = os.path.join(final_dir, "tokenizer", os.path.basename(source))
+  return source

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from typing import Optional
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from maxlm import checkpoint, hf_names
 from maxlm.config import Config, finalize, load_config
-from maxlm.data_pipelines.tokenization import HF_TOKENIZER_FILES, export_tokenizer
+from maxlm.data_pipelines.tokenization import carry_tokenizer, export_tokenizer
 from maxlm.errors import CheckpointError, ConversionError, cli_exit_code
 from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
 
@@ -403,13 +402,7 @@ def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overri
   cfg, params, extras = read_hf(model_dir, config=config, overrides=overrides)
   output_abs = os.path.abspath(os.path.expanduser(output))
   with atomic_output(output_abs, HF_IMPORT, overwrite=overwrite) as tmp:
-    copied = [f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, f))]
-    if copied:
-      os.makedirs(os.path.join(tmp, "tokenizer"))
-      for f in copied:
-        shutil.copy(os.path.join(model_dir, f), os.path.join(tmp, "tokenizer", f))
-      if cfg.data.tokenizer.startswith(model_dir + os.sep):  # the run keeps its own copy of the tokenizer
-        cfg.data.tokenizer = os.path.join(output_abs, "tokenizer", os.path.basename(cfg.data.tokenizer))
+    carry_tokenizer(cfg.data, tmp, output_abs)  # the run keeps its own copy of the tokenizer
     cfg.run.dir = output_abs
     checkpoint.save_params(tmp, cfg, params, extras=extras, step=0)
     with open(os.path.join(tmp, HF_IMPORT.marker), "w") as f:

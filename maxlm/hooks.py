@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from maxlm import sharding
-from maxlm.errors import CheckpointError, TrainingDivergedError
+from maxlm.errors import TrainingDivergedError
 
 
 @dataclasses.dataclass

@@ -138,3 +138,13 @@ def document_rows(path: str, codec: Optional[TextCodec], *, seq_len: int, max_do
     raise DataError(f"{path} holds token id {top} but the model's vocabulary has {vocab_size} entries: the ids come "
                     "from another tokenizer")
   return Rows(ids, mask)
+
+
+def model_rows(cfg: Config, path: str, *, seq_len: int, max_docs: int = 0, log=print) -> Rows:
+  """document_rows of a data file for a model: text tokenized with its codec (a model without a tokenizer reads
+  `ids` records only, and says so for text), ids checked against its vocabulary."""
+  try:
+    codec = text_codec(cfg)
+  except DataError:
+    codec = None  # ids-only files still work; a text file then says it needs a tokenizer
+  return document_rows(path, codec, seq_len=seq_len, max_docs=max_docs, vocab_size=cfg.model.vocab_size, log=log)

@@ -17,7 +17,7 @@ from maxlm import frozen as frozen_lib
 from maxlm import model as model_lib
 from maxlm import optim, sharding
 from maxlm.config import Config
-from maxlm.errors import CheckpointError, ConfigError
+from maxlm.errors import CheckpointError
 
 # Model-section keys that fix the architecture (and so must agree with a checkpoint given to init_from).
 ARCHITECTURE_KEYS = ("family", "vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import optim, plan, sharding, train
+from maxlm import optim, sharding, train
 from maxlm import state as state_lib
 from maxlm import step as step_lib
 from maxlm.config import load_config

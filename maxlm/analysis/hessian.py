@@ -46,15 +46,6 @@ def lm_batch(ids_NxT: np.ndarray, mask_NxT: np.ndarray, ignore_index: int = IGNO
   return {"inputs": np.asarray(ids_NxT, np.int32), "targets": targets}
 
 
-def codec_or_none(cfg: Config, log=print) -> Optional[pretrained.TextCodec]:
-  """The checkpoint's tokenizer, or None (then only `ids` records can be read: document_rows says so)."""
-  try:
-    return pretrained.text_codec(cfg)
-  except DataError as e:
-    log(f"maxlm: note: {e}")
-    return None
-
-
 def scored_rows(pre: pretrained.Pretrained, data: str, *, seq_len: int, max_docs: int = 0,
                 log=print) -> pretrained.Rows:
   """Rows of `seq_len` tokens of a data file for a loaded model (DESIGN section 7 data rules), checked against its
@@ -63,8 +54,7 @@ def scored_rows(pre: pretrained.Pretrained, data: str, *, seq_len: int, max_docs
     raise DataError(f"--seq-len {seq_len}: a row needs at least 2 tokens to hold one prediction")
   if seq_len > pre.cfg.model.max_positions:
     raise DataError(f"--seq-len {seq_len} exceeds the model's max_positions {pre.cfg.model.max_positions}")
-  rows = pretrained.document_rows(data, codec_or_none(pre.cfg, log), seq_len=seq_len, max_docs=max_docs,
-                                  vocab_size=pre.cfg.model.vocab_size, log=log)
+  rows = pretrained.model_rows(pre.cfg, data, seq_len=seq_len, max_docs=max_docs, log=log)
   if int(rows.mask[:, 1:].sum()) == 0:
     raise DataError(f"{data}: no document has 2 tokens, so no row holds a target")
   return rows

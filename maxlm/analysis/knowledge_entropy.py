@@ -169,16 +169,6 @@ class Result:
     return float(self.per_layer.sum())
 
 
-def _rows_for(cfg, data: str, seq_len: int, max_docs: int, log):
-  from maxlm import pretrained  # pylint: disable=import-outside-toplevel
-  try:
-    codec = pretrained.text_codec(cfg)
-  except DataError:
-    codec = None  # ids-only files still work; a text file then says it needs a tokenizer
-  return pretrained.document_rows(data, codec, seq_len=seq_len, max_docs=max_docs, vocab_size=cfg.model.vocab_size,
-                                  log=log)
-
-
 def _tokenizer_key(cfg) -> str:
   d = cfg.data
   return json.dumps([d.tokenizer, d.source, d.path, d.grammar, cfg.model.vocab_size])
@@ -205,7 +195,7 @@ def knowledge_entropy_series(checkpoints: list[str], data: str, *, seq_len: int 
                       f"pass --seq-len {cfg.model.max_positions} or less")
     key = _tokenizer_key(cfg)
     if key not in rows_cache:
-      rows_cache[key] = _rows_for(cfg, data, seq_len, max_docs, log)
+      rows_cache[key] = pretrained.model_rows(cfg, data, seq_len=seq_len, max_docs=max_docs, log=log)
     rows = rows_cache[key]
     step_fn = _cached_step(cfg, graphdef, mesh, mode)
     n_batches = -(-rows.ids.shape[0] // batch_size)

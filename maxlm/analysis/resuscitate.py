@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from typing import Callable
 
 import numpy as np
 
+from maxlm.data_pipelines.tokenization import carry_tokenizer
 from maxlm.errors import ConfigError, DataError
 
 def check_ratio_factor(ratio: float, factor: float) -> None:
@@ -67,22 +67,6 @@ def resuscitate_params(model_cfg, params: dict, coefficients_LxF: np.ndarray, ra
 # ----------------------------------------------------------------------------- the derived checkpoint
 
 
-def _copy_tokenizer(cfg, tmp: str, output: str) -> str:
-  """Copies the source's tokenizer file(s) into OUTPUT/tokenizer/ as `convert.from_hf` does; returns a note."""
-  from maxlm.data_pipelines.tokenization import HF_TOKENIZER_FILES, run_tokenizer  # pylint: disable=C0415
-  kind, what = run_tokenizer(cfg.data)
-  if kind != "file":
-    return "the PCFG's word-level tokenizer (from data.grammar)" if kind == "pcfg" else f"no tokenizer: {what}"
-  os.makedirs(os.path.join(tmp, "tokenizer"))
-  source_dir = os.path.dirname(os.path.abspath(what))
-  names = {os.path.basename(what)} | {f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(source_dir, f))
-                                      and f.endswith(".json") and f != "tokenizer.json"}
-  for name in sorted(names):
-    shutil.copy(os.path.join(source_dir, name), os.path.join(tmp, "tokenizer", name))
-  cfg.data.tokenizer = os.path.join(output, "tokenizer", os.path.basename(what))
-  return f"copied from {what}"
-
-
 def resuscitate(checkpoint: str, coefficients: str, *, ratio: float, factor: float, output: str,
                 overwrite: bool = False, log: Callable = print) -> dict:
   """Writes OUTPUT: the checkpoint's params with resuscitated units, its config and tokenizer (so `to-hf`,
@@ -107,7 +91,8 @@ def resuscitate(checkpoint: str, coefficients: str, *, ratio: float, factor: flo
             "step": loaded.step, "coefficients": os.path.abspath(coefficients), "ratio": ratio, "factor": factor,
             "selected_per_layer": [int(s) for s in selected.sum(axis=1)]}
   with atomic_output(output, DERIVED_RUN, overwrite=overwrite) as tmp:
-    record["tokenizer"] = _copy_tokenizer(cfg, tmp, output)
+    source = carry_tokenizer(cfg.data, tmp, output)
+    record["tokenizer"] = f"copied from {source}" if source else "travels with the data spec (PCFG or token store)"
     cfg.run.dir = output
     cfg.checkpoint.init_from = ""  # the derived checkpoint is itself the starting point
     checkpoint_lib.save_params(tmp, cfg, params, extras=loaded.frozen, step=0)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from typing import Optional
 
 import numpy as np
 
+from maxlm.data_pipelines.tokenization import carry_tokenizer
 from maxlm import checkpoint, pretrained
 from maxlm.config import Config, finalize
 from maxlm.errors import ConversionError
@@ -95,22 +95,6 @@ def widen_extras(cfg: Config, extras: dict, factor: int) -> dict:
   return out
 
 
-def _copy_tokenizer(cfg: Config, tmp: str, output: str) -> Optional[str]:
-  """Copies a tokenizer file the config names (and its HF companions) into the output, as convert.from_hf does,
-  and points the config at the copy. PCFG and token-store tokenizers travel with their data spec."""
-  from maxlm.data_pipelines.tokenization import HF_TOKENIZER_FILES  # pylint: disable=import-outside-toplevel
-  source = cfg.data.tokenizer
-  if not source or not os.path.isfile(source):
-    return None
-  folder = os.path.dirname(os.path.abspath(source))
-  os.makedirs(os.path.join(tmp, "tokenizer"), exist_ok=True)
-  names = {os.path.basename(source)} | {f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))}
-  for name in sorted(names):
-    shutil.copy(os.path.join(folder, name), os.path.join(tmp, "tokenizer", name))
-  cfg.data.tokenizer = os.path.join(output, "tokenizer", os.path.basename(source))
-  return source
-
-
 def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[int] = None, untie: bool = False,
           overwrite: bool = False, log=print) -> Config:
   """Writes the wide model of a checkpoint (run dir, RUN@STEP or HF dir) as a params-only checkpoint at step 0
@@ -123,7 +107,7 @@ def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[in
   extras = widen_extras(pre.cfg, pre.frozen, factor)
   output_abs = os.path.abspath(os.path.expanduser(output))
   with atomic_output(output_abs, DERIVED_RUN, overwrite=overwrite) as tmp:
-    tokenizer = _copy_tokenizer(cfg, tmp, output_abs)
+    tokenizer = carry_tokenizer(cfg.data, tmp, output_abs)
     cfg.run.dir = output_abs
     checkpoint.save_params(tmp, cfg, params, extras=extras, step=0)
     with open(os.path.join(tmp, DERIVED_RUN.marker), "w") as f:
