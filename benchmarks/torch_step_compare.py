@@ -118,7 +118,8 @@ def summarise(times: list[float], tokens: int) -> dict:
           "max_s": round(max(times), 4), "tokens_per_sec": round(tokens / med, 1)}
 
 
-def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attention: str) -> dict:
+def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attention: str,
+            variants: dict[str, list[str]] | None = None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -131,13 +132,16 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
   local = {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
            "targets": rng.integers(0, V, (B, T), dtype=np.int32)}
   sides, states = {}, {}
+  variants = variants or {}
   for objective in objectives:
-    run, state, cfg, lay = maxlm_side("demo", overrides, objective, local)
-    if "torch" not in sides:  # torch starts from the same initial weights (same seed on every maxlm side)
-      params = jax.device_get(lay.model_params(state))
-      sides["torch"] = torch_side(cfg, params, local, attention)
-      states["torch"] = None
-    sides[f"maxlm_{objective}"], states[f"maxlm_{objective}"] = run, state
+    for variant, extra in {"": [], **variants}.items():
+      run, state, cfg, lay = maxlm_side("demo", overrides + extra, objective, local)
+      if "torch" not in sides:  # torch starts from the same initial weights (same seed on every maxlm side)
+        params = jax.device_get(lay.model_params(state))
+        sides["torch"] = torch_side(cfg, params, local, attention)
+        states["torch"] = None
+      name = f"maxlm_{objective}" + (f"_{variant}" if variant else "")
+      sides[name], states[name] = run, state
   first_loss = {}
   for name, run in sides.items():
     for i in range(warmup):
@@ -155,7 +159,7 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
   out = {"shape": shape, "tokens_per_step": tokens, "B": B, "T": T, "vocab": V, "hidden": cfg0.model.hidden,
          "layers": cfg0.model.layers, "rounds": rounds, "first_step_loss": first_loss,
          "torch_attention": attention, "torch_threads": torch.get_num_threads(),
-         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__}
+         "variants": variants, "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__}
   for name, ts in times.items():
     out[name] = summarise(ts, tokens)
   for name in names:
@@ -174,12 +178,21 @@ def main():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"])
+  p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                 help="an extra maxlm side per objective with these config overrides, e.g. "
+                      "noscan=model.scan_layers=false (repeatable)")
   args = p.parse_args()
+  variants = {}
+  for spec in args.variant:
+    name, _, overrides = spec.partition("=")
+    if not name or not overrides:
+      p.error(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+    variants[name] = overrides.split(",")
   cores = pin_threads(args.threads)
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
   for shape in args.shapes.split(","):
-    row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention)
+    row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention, variants)
     row["cores"] = cores
     row["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(row), flush=True)

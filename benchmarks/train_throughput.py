@@ -37,7 +37,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict:
            "targets": rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)}
   batch = sharding.global_batch(setup.mesh, local)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(setup.abstract_state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+  compiled = step_fn.lower(setup.abstract, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                                                   for k, v in batch.items()}).compile()
   compile_s = time.perf_counter() - t0
   for _ in range(3):  # warm-up steps

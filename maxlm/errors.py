@@ -57,11 +57,19 @@ class _OneLine(logging.Filter):
     return True
 
 
+def _one_line_unraisable(unraisable) -> None:
+  # Exceptions Python can only ignore (a library's event loop torn down at exit after a failed save): one line each.
+  error = unraisable.exc_value
+  line = f"{type(error).__name__}: {error}" if error is not None else str(unraisable.err_msg)
+  print(f"maxlm: ignored at shutdown: {line.splitlines()[0][:300] if line else ''}", file=sys.stderr)
+
+
 def quiet_library_tracebacks() -> None:
   for name in _NOISY_LOGGERS:
     logger = logging.getLogger(name)
     if not any(isinstance(f, _OneLine) for f in logger.filters):
       logger.addFilter(_OneLine())
+  sys.unraisablehook = _one_line_unraisable
 
 
 def cli_exit_code(body: Callable[[], Any]) -> int:

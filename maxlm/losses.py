@@ -24,6 +24,7 @@ slice the padding off before `combine`, and must supply "entropy" at ignored pos
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -180,83 +181,106 @@ def combine(objective: str, stats: dict[str, jax.Array], *, psum_axes=None, **kw
   if missing:
     raise ConfigError(
       f"combine({objective!r}) needs stats {missing}; emo needs token_stats(..., cost_embedding=...)")
+  t = _Tokens.of(stats, psum_axes)
+  loss, extra = _FORMULAS[objective](objective, t, stats, opts)
+  metrics = {"ce": t.valid_mean(t.ce), "entropy": t.valid_mean(t.entropy), "n_valid": t.n_valid, **extra}
+  metrics = jax.lax.stop_gradient({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+  return loss.astype(jnp.float32), metrics
 
-  def gsum(x):
+
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens:
+  """What every formula of `combine` reads: masked fp32 per-token CE, entropy and p_y (the last two without
+  gradient), the valid mask, M = n_valid, and global sums (psum'd over `psum_axes` when set)."""
+  ce: jax.Array
+  entropy: jax.Array
+  p_y: jax.Array
+  mask: jax.Array
+  valid: jax.Array
+  psum_axes: Any
+
+  @classmethod
+  def of(cls, stats: dict, psum_axes) -> "_Tokens":
+    mask = stats["mask"].astype(jnp.float32)
+    valid = mask > 0
+    # where, not multiply: a kernel may leave inf/NaN garbage at ignored positions.
+    return cls(ce=jnp.where(valid, stats["ce"].astype(jnp.float32), 0.0),
+               entropy=jax.lax.stop_gradient(stats["entropy"].astype(jnp.float32)),
+               p_y=jax.lax.stop_gradient(stats["p_y"].astype(jnp.float32)), mask=mask, valid=valid,
+               psum_axes=psum_axes)
+
+  def sum(self, x):
     total = jnp.sum(x)
-    return total if psum_axes is None else jax.lax.psum(total, psum_axes)
+    return total if self.psum_axes is None else jax.lax.psum(total, self.psum_axes)
 
-  mask = stats["mask"].astype(jnp.float32)
-  valid = mask > 0
-  # where, not multiply: a kernel may leave inf/NaN garbage at ignored positions.
-  ce = jnp.where(valid, stats["ce"].astype(jnp.float32), 0.0)
-  entropy = jax.lax.stop_gradient(stats["entropy"].astype(jnp.float32))
-  p_y = jax.lax.stop_gradient(stats["p_y"].astype(jnp.float32))
-  n_valid = gsum(mask)
-  denom = jnp.maximum(n_valid, 1.0)
-  tiny = jnp.finfo(jnp.float32).tiny
+  @property
+  def n_valid(self):
+    return self.sum(self.mask)
 
-  def valid_mean(tok):
-    return gsum(jnp.where(valid, tok, 0.0)) / denom
+  def valid_mean(self, tok):
+    return self.sum(jnp.where(self.valid, tok, 0.0)) / jnp.maximum(self.n_valid, 1.0)
 
-  def normalised(w, count, where):
+  def normalised(self, w, count, where):
     # alpha * w with alpha = count / sum(w): w is divided before the multiply so neither an
     # all-zero focal weight nor an all-ignored batch makes inf * 0.
     w = jnp.where(where, w, 0.0)
-    w_sum = gsum(w)
-    return w / jnp.maximum(w_sum, tiny) * count, w_sum / jnp.maximum(count, 1.0)
+    w_sum = self.sum(w)
+    return w / jnp.maximum(w_sum, _TINY) * count, w_sum / jnp.maximum(count, 1.0)
 
-  extra = {}
-  if objective == "ce":
-    loss = valid_mean(ce)
-  elif objective in ("mile", "focal"):
-    if objective == "mile":
-      w = (1.0 + entropy) ** opts["gamma"]
-    else:
-      # 1 - p_y >= 0 in exact arithmetic; the max keeps a fractional gamma off negative rounding.
-      w = jnp.maximum(1.0 - p_y, 0.0) ** opts["gamma"]
-    w = jax.lax.stop_gradient(w)
-    if objective == "mile" and opts["reduction"] == "reference":
-      n_all = gsum(jnp.ones_like(mask))
-      alpha_w, w_mean = normalised(w, n_all, jnp.ones_like(valid))
-      loss = gsum(alpha_w * ce) / jnp.maximum(n_all, 1.0)
-    else:
-      alpha_w, w_mean = normalised(w, n_valid, valid)
-      loss = gsum(alpha_w * ce) / denom
-    extra["weight_mean"] = w_mean
-  elif objective == "emo":
-    emo_cost = jnp.where(valid, stats["emo"].astype(jnp.float32), 0.0)
-    emo = emo_cost + p_y if opts["gt_trick"] else emo_cost
-    if opts["mode"] == 1:
-      # emo >= 0 in exact arithmetic; the max keeps fp32 rounding below 0 from flipping the ratio.
-      ratio = jax.lax.stop_gradient(ce / (jnp.maximum(emo, 0.0) + EMO_RATIO_EPS))
-      if opts["clamp"] is not None:
-        ratio = jnp.minimum(ratio, opts["clamp"])
-      tok = 0.5 * (ce + ratio * emo)
-    else:
-      ratio = jax.lax.stop_gradient(emo / (jnp.maximum(ce, 0.0) + EMO_RATIO_EPS))
-      tok = ratio * ce + emo
-    loss = valid_mean(tok)
-    extra["emo"] = valid_mean(emo_cost)
-  elif objective in ("mixce", "tvd"):
-    r = opts["ratio"]
-    q = p_y
-    if objective == "mixce":
-      coef = r + (1.0 - r) * q
-    else:
-      # ratio=1 with q underflowed to 0 would be 0/0; the term is multiplied by 0 then anyway.
-      coef = r + (1.0 - r) * jnp.clip(q / jnp.maximum((1.0 - r) + r * q, tiny), 0.2, 1.0)
-    loss = valid_mean(jax.lax.stop_gradient(coef) * ce)
-  else:  # unreachable: _check_combine_kwargs rejected it
-    raise ConfigError(f"unknown loss objective {objective!r}")
 
-  metrics = {
-    "ce": valid_mean(ce),
-    "entropy": valid_mean(entropy),
-    "n_valid": n_valid,
-    **extra,
-  }
-  metrics = jax.lax.stop_gradient({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
-  return loss.astype(jnp.float32), metrics
+def _ce(objective, t: _Tokens, stats, opts):
+  return t.valid_mean(t.ce), {}
+
+
+def _weighted_ce(objective, t: _Tokens, stats, opts):
+  """MiLe ((1 + H)^gamma) and focal ((1 - p_y)^gamma) weights, normalised to mean 1 (alpha)."""
+  if objective == "mile":
+    w = (1.0 + t.entropy) ** opts["gamma"]
+  else:
+    # 1 - p_y >= 0 in exact arithmetic; the max keeps a fractional gamma off negative rounding.
+    w = jnp.maximum(1.0 - t.p_y, 0.0) ** opts["gamma"]
+  w = jax.lax.stop_gradient(w)
+  if objective == "mile" and opts["reduction"] == "reference":
+    n_all = t.sum(jnp.ones_like(t.mask))
+    alpha_w, w_mean = t.normalised(w, n_all, jnp.ones_like(t.valid))
+    loss = t.sum(alpha_w * t.ce) / jnp.maximum(n_all, 1.0)
+  else:
+    alpha_w, w_mean = t.normalised(w, t.n_valid, t.valid)
+    loss = t.sum(alpha_w * t.ce) / jnp.maximum(t.n_valid, 1.0)
+  return loss, {"weight_mean": w_mean}
+
+
+def _emo(objective, t: _Tokens, stats, opts):
+  emo_cost = jnp.where(t.valid, stats["emo"].astype(jnp.float32), 0.0)
+  emo = emo_cost + t.p_y if opts["gt_trick"] else emo_cost
+  if opts["mode"] == 1:
+    # emo >= 0 in exact arithmetic; the max keeps fp32 rounding below 0 from flipping the ratio.
+    ratio = jax.lax.stop_gradient(t.ce / (jnp.maximum(emo, 0.0) + EMO_RATIO_EPS))
+    if opts["clamp"] is not None:
+      ratio = jnp.minimum(ratio, opts["clamp"])
+    tok = 0.5 * (t.ce + ratio * emo)
+  else:
+    ratio = jax.lax.stop_gradient(emo / (jnp.maximum(t.ce, 0.0) + EMO_RATIO_EPS))
+    tok = ratio * t.ce + emo
+  return t.valid_mean(tok), {"emo": t.valid_mean(emo_cost)}
+
+
+def _mixture_ce(objective, t: _Tokens, stats, opts):
+  """MixCE and TVD: CE scaled by a coefficient of q = p_y (no gradient)."""
+  r, q = opts["ratio"], t.p_y
+  if objective == "mixce":
+    coef = r + (1.0 - r) * q
+  else:
+    # ratio=1 with q underflowed to 0 would be 0/0; the term is multiplied by 0 then anyway.
+    coef = r + (1.0 - r) * jnp.clip(q / jnp.maximum((1.0 - r) + r * q, _TINY), 0.2, 1.0)
+  return t.valid_mean(jax.lax.stop_gradient(coef) * t.ce), {}
+
+
+_FORMULAS: dict[str, Callable] = {"ce": _ce, "mile": _weighted_ce, "focal": _weighted_ce, "emo": _emo,
+                                  "mixce": _mixture_ce, "tvd": _mixture_ce}
 
 
 def _loss(objective, logits, labels, cost_embedding, kwargs):

@@ -70,7 +70,7 @@ def test_segment_ids_from_mask_give_the_same_mask():
 
 def test_model_with_splash_matches_numpy_forward():
   from test_model import _cfg, numpy_forward  # the decoder's independent float64 reference
-  cfg = _cfg(attention="splash", max_positions=128)
+  cfg = _cfg(seq_len=128, attention="splash", max_positions=128)
   graphdef, _, _ = model_lib.abstract_model(cfg)
   params = model_lib.init_params(cfg, seed=1)
   tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(1, 128))

@@ -259,6 +259,12 @@ def test_too_long_prompt_is_a_clear_error(llama):
 # ----------------------------------------------------------------------------- CLI
 
 
+def grammar_words() -> list[str]:
+  from maxlm.data_pipelines import pcfg  # pylint: disable=import-outside-toplevel
+  grammar = pcfg.load_grammar("builtin:demo")
+  return [grammar.decode([i]) for i in range(grammar.vocab_size)]
+
+
 def test_cli_writes_the_named_keys(tmp_path, llama, capsys):
   root = llama[0]
   prompts_file = tmp_path / "prompts.jsonl"
@@ -273,8 +279,10 @@ def test_cli_writes_the_named_keys(tmp_path, llama, capsys):
   for r in records:
     assert set(r) == {"prompt", "completion", "completion_ids"}
     assert 0 < len(r["completion_ids"]) <= 6 and codec.eos_id not in r["completion_ids"]
-    # Word-level: a space joins the prompt; ids of the padded vocabulary past the PCFG's 375 words decode to nothing.
-    assert r["completion"] == " " + codec.decode([i for i in r["completion_ids"] if i < 375])
+    # Word-level: a space joins the prompt; ids of the padded vocabulary past the PCFG's words read as <unk>.
+    assert r["completion"] == " " + codec.decode(r["completion_ids"])
+    words = grammar_words()
+    assert r["completion"].split() == [words[i] if i < len(words) else "<unk>" for i in r["completion_ids"]]
   # The same through the HF export, printed to stdout, greedy = transformers.
   assert gen_lib.main(["--checkpoint", str(root / "hf"), "--prompt", "the cat", "--max-new-tokens", "6"]) == 0
   printed = json.loads(capsys.readouterr().out.strip())

@@ -10,10 +10,10 @@ from maxlm import model as model_lib
 from maxlm.config import load_config
 
 
-def _cfg(**extra):
+def _cfg(seq_len=16, **extra):
   overrides = ["model.vocab_size=50", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
                "model.ffn=48", "model.max_positions=64", "model.compute_dtype=float32", "model.remat=none",
-               "model.rope_theta=500.0", "model.init_std=0.2", "train.seq_len=16"]
+               "model.rope_theta=500.0", "model.init_std=0.2", f"train.seq_len={seq_len}"]
   overrides += [f"model.{k}={v}" for k, v in extra.items()]
   return load_config("demo", overrides).model
 
@@ -103,7 +103,7 @@ def test_document_masking_isolates_segments():
   assert np.abs(got2[0, :4] - got[0, :4]).max() > 1e-3
 
 
-@pytest.mark.parametrize("remat,scan", [("full", "true"), ("dots", "false")])
+@pytest.mark.parametrize("remat,scan", [("full", "true"), pytest.param("dots", "false", marks=pytest.mark.slow)])
 def test_remat_and_scan_do_not_change_values_or_gradients(remat, scan):
   base = _cfg()
   other = _cfg(remat=remat, scan_layers=scan)

@@ -263,6 +263,7 @@ def test_cli_distributed_two_processes_stop_together_on_sigterm(cli_run):
   assert _logged_steps(run_dir) == list(range(1, saved[0] + 1))
 
 
+@pytest.mark.slow  # resume itself is covered single-process (test_resume) and the two-process run above
 def test_cli_distributed_resume(cli_run):
   from maxlm.metrics_log import read_metrics
   run_dir, first = cli_run

@@ -281,6 +281,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tmp_path):
   assert run(run_dir, stopped + 1)["start_step"] == stopped
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
   run_dir = str(tmp_path / "r")
   proc = cli(f"run.dir={run_dir}", "train.steps=100000", "checkpoint.every=100000")

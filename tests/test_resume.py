@@ -94,6 +94,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_init_from_rejects_a_model_of_another_shape(tmp_path):
   """A checkpoint whose shapes differ from the configured model fails before training, naming the mismatch."""
   from maxlm.errors import CheckpointError

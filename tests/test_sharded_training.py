@@ -55,7 +55,7 @@ print(json.dumps({"single": l1, "sharded": l8, "param_max_abs_diff": diff, "n_sh
 @pytest.mark.parametrize("objective,impl,micro", [
     ("mile", "blockwise", 1),
     ("ce", "reference", 2),
-    ("emo", "blockwise", 1),
+    pytest.param("emo", "blockwise", 1, marks=pytest.mark.slow),  # EMO under a mesh: also test_fused_loss
 ])
 def test_eight_devices_match_one(objective, impl, micro):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}

@@ -91,6 +91,7 @@ def test_weight_decay_skips_norms():
   assert mask == {"embed": True, "final_norm": False, "layers": {"attn_norm": False, "q_proj": True}}
 
 
+@pytest.mark.slow
 def test_bf16_compute_tracks_fp32(tiny_overrides):
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, 384, size=(8, 17)).astype(np.int32)
