@@ -191,6 +191,11 @@ def combine(objective: str, stats: dict[str, jax.Array], *, psum_axes=None, **kw
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
+def _global_sum(x, psum_axes):
+  total = jnp.sum(x)
+  return total if psum_axes is None else jax.lax.psum(total, psum_axes)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tokens:
   """What every formula of `combine` reads: masked fp32 per-token CE, entropy and p_y (the last two without
@@ -200,6 +205,7 @@ class _Tokens:
   p_y: jax.Array
   mask: jax.Array
   valid: jax.Array
+  n_valid: jax.Array  # M, summed once (with psum_axes: one collective, not one per mean)
   psum_axes: Any
 
   @classmethod
@@ -207,18 +213,14 @@ class _Tokens:
     mask = stats["mask"].astype(jnp.float32)
     valid = mask > 0
     # where, not multiply: a kernel may leave inf/NaN garbage at ignored positions.
+    n_valid = _global_sum(mask, psum_axes)
     return cls(ce=jnp.where(valid, stats["ce"].astype(jnp.float32), 0.0),
                entropy=jax.lax.stop_gradient(stats["entropy"].astype(jnp.float32)),
                p_y=jax.lax.stop_gradient(stats["p_y"].astype(jnp.float32)), mask=mask, valid=valid,
-               psum_axes=psum_axes)
+               n_valid=n_valid, psum_axes=psum_axes)
 
   def sum(self, x):
-    total = jnp.sum(x)
-    return total if self.psum_axes is None else jax.lax.psum(total, self.psum_axes)
-
-  @property
-  def n_valid(self):
-    return self.sum(self.mask)
+    return _global_sum(x, self.psum_axes)
 
   def valid_mean(self, tok):
     return self.sum(jnp.where(self.valid, tok, 0.0)) / jnp.maximum(self.n_valid, 1.0)
