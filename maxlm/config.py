@@ -55,6 +55,7 @@ class ModelConfig:
   attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
   scan_layers: bool = True
+  scan_unroll: int = 1  # layers per iteration of the layer scan; >= layers unrolls it (small models on CPU)
 
 
 @dataclasses.dataclass
@@ -426,6 +427,7 @@ def _check_ranges(cfg: Config) -> None:
       ("model.ffn", m.ffn > 0, "positive"), ("model.kv_heads", m.kv_heads >= 0, ">= 0 (0 = model.heads)"),
       ("model.head_dim", m.head_dim >= 0, ">= 0 (0 = hidden / heads)"),
       ("model.max_positions", m.max_positions > 0, "positive"), ("model.norm_eps", m.norm_eps > 0, "positive"),
+      ("model.scan_unroll", m.scan_unroll >= 1, "a positive number of layers per scan iteration"),
       ("model.init_std", m.init_std > 0, "positive"), ("model.rope_theta", m.rope_theta > 0, "positive"),
       ("train.steps", t.steps > 0, "positive"), ("train.global_batch", t.global_batch > 0, "positive"),
       ("train.seq_len", t.seq_len > 0, "positive"), ("train.microbatches", t.microbatches > 0, "positive"),

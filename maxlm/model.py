@@ -127,7 +127,7 @@ class Decoder(nnx.Module):
       block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     weights = self.layers.weights()
     if cfg.scan_layers:
-      x, coeffs = jax.lax.scan(block, x, weights)
+      x, coeffs = jax.lax.scan(block, x, weights, unroll=min(cfg.scan_unroll, cfg.layers))
     else:
       outs = []
       for i in range(cfg.layers):
@@ -161,17 +161,22 @@ def norm(cfg: ModelConfig, scale: Optional[jax.Array], x: jax.Array) -> jax.Arra
 
 
 def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float):
+  """cos and signed sin (B, T, H) of RoPE's rotate-half layout (as transformers), sin's first half negated so that
+  `apply_rope` is x * cos + roll(x, H/2) * sin. Computed once per forward: the barrier keeps XLA from recomputing
+  the transcendentals inside every fusion that reads them (8 per layer forward and backward on a CPU)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-  angles = jnp.concatenate([freqs, freqs], axis=-1)  # rotate-half layout, as transformers
-  return jnp.cos(angles), jnp.sin(angles)
+  cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+  return jax.lax.optimization_barrier((jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)))
 
 
-def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
-  half = x_BxTxNxH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-  cos, sin = cos_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype), sin_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
-  return x_BxTxNxH * cos + rotated * sin
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, signed_sin_BxTxH: jax.Array) -> jax.Array:
+  """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as roll(x) = [x2, x1] times the signed
+  sin: the same products bit for bit, and a backward that is a roll, not slices, negations and pads."""
+  rolled = jnp.roll(x_BxTxNxH, x_BxTxNxH.shape[-1] // 2, axis=-1)
+  cos = cos_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
+  sin = signed_sin_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
+  return x_BxTxNxH * cos + rolled * sin
 
 
 def attention(cfg: ModelConfig, q, k, v, mask, segment_ids=None):

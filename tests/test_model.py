@@ -103,10 +103,13 @@ def test_document_masking_isolates_segments():
   assert np.abs(got2[0, :4] - got[0, :4]).max() > 1e-3
 
 
-@pytest.mark.parametrize("remat,scan", [("full", "true"), pytest.param("dots", "false", marks=pytest.mark.slow)])
-def test_remat_and_scan_do_not_change_values_or_gradients(remat, scan):
+# The demo preset (and so _cfg) unrolls its scan (scan_unroll 4 >= 2 layers); unroll 1 is the rolled loop of the
+# large presets.
+@pytest.mark.parametrize("remat,scan,unroll", [("full", "true", 1), ("none", "true", 1),
+                                               pytest.param("dots", "false", 1, marks=pytest.mark.slow)])
+def test_remat_and_scan_do_not_change_values_or_gradients(remat, scan, unroll):
   base = _cfg()
-  other = _cfg(remat=remat, scan_layers=scan)
+  other = _cfg(remat=remat, scan_layers=scan, scan_unroll=unroll)
   g1, _, _ = model_lib.abstract_model(base)
   g2, _, _ = model_lib.abstract_model(other)
   params = model_lib.init_params(base, seed=2)
@@ -151,3 +154,15 @@ def test_ffn_coefficients_are_the_down_projection_inputs():
   numpy_forward(cfg, params, tokens, coefficients=want)
   assert coeffs.shape == (cfg.layers, 2, 9, cfg.ffn)
   np.testing.assert_allclose(np.asarray(coeffs), np.stack(want), rtol=2e-4, atol=2e-5)
+
+
+def test_rope_matches_rotate_half_in_float64():
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, 5, 3, 8))
+  positions = np.array([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+  cos, sin = model_lib.rope_tables(jnp.asarray(positions), 8, 10000.0)
+  got = np.asarray(model_lib.apply_rope(jnp.asarray(x, jnp.float32), cos, sin))
+  inv = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+  ang = np.concatenate([positions[..., None] * inv] * 2, -1)[:, :, None, :]
+  rotated = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+  np.testing.assert_allclose(got, x * np.cos(ang) + rotated * np.sin(ang), rtol=1e-5, atol=1e-5)
