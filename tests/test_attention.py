@@ -152,7 +152,9 @@ def numpy_attention(q, k, v, segment_ids=None):
 @pytest.mark.parametrize("with_segments", [False, True], ids=["causal", "documents"])
 def test_cpu_attention_matches_float64_and_jax_gradients(with_segments):
   q, k, v = qkv(3, t=64)
-  seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [20, 30, 14]), np.zeros(64, int)]), jnp.int32) if with_segments else None
+  seg = None
+  if with_segments:  # row 0: three documents; row 1: one
+    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [20, 30, 14]), np.zeros(64, int)]), jnp.int32)
   auto = lambda q, k, v: attention_lib.attention(q, k, v, backend="auto", segment_ids_BxT=seg, platform="cpu")
   np.testing.assert_allclose(np.asarray(auto(q, k, v)), numpy_attention(q, k, v, seg), rtol=2e-5, atol=2e-5)
   cot = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
