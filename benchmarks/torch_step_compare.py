@@ -7,8 +7,10 @@ Owns nothing the library uses; prints one JSON line per shape with both sides' s
 
 Both sides run fp32 on the CPU with one thread budget: the process is pinned to `--threads` cores before jax or
 torch load, which bounds XLA's intra-op pool (sized from the schedulable cores) and torch.set_num_threads(threads)
-alike. XLA_FLAGS is left as the caller set it; the JSON records it. Each round times one step of every side in a
-rotating order, so load from other jobs on a shared machine hits all sides alike; medians and quartiles reported.
+alike. XLA_FLAGS is left as the caller set it; the JSON records it. Each round visits every side in a rotating
+order, so load from other jobs on a shared machine hits all sides alike: `--settle` untimed steps, then one timed
+step (a side's step right after the other framework's pays for the memory that one just released; a training run
+never alternates frameworks). Medians and quartiles reported.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def summarise(times: list[float], tokens: int) -> dict:
 
 
 def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attention: str,
-            variants: dict[str, list[str]] | None = None) -> dict:
+            variants: dict[str, list[str]] | None = None, settle: int = 1) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -152,14 +154,20 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
   names = list(sides)
   for r in range(rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+      # Untimed steps first: a step right after the other framework's step pays for memory that one just gave
+      # back (a maxlm mid step measured +1.7-2.1 s, all kernel page-fault time, after a torch step), which a
+      # training run, one program stepping on its own, never does.
+      for _ in range(settle):
+        states[name], _ = sides[name](states[name])
       t0 = time.perf_counter()
       states[name], _ = sides[name](states[name])
       times[name].append(time.perf_counter() - t0)
   tokens = B * T
   out = {"shape": shape, "tokens_per_step": tokens, "B": B, "T": T, "vocab": V, "hidden": cfg0.model.hidden,
-         "layers": cfg0.model.layers, "rounds": rounds, "first_step_loss": first_loss,
+         "layers": cfg0.model.layers, "rounds": rounds, "settle_steps": settle, "first_step_loss": first_loss,
          "torch_attention": attention, "torch_threads": torch.get_num_threads(),
-         "variants": variants, "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__}
+         "variants": variants, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax_version": jax.__version__, "torch_version": torch.__version__}
   for name, ts in times.items():
     out[name] = summarise(ts, tokens)
   for name in names:
@@ -176,6 +184,8 @@ def main():
   p.add_argument("--objectives", default="ce,mile", help="maxlm objectives (torch runs CE)")
   p.add_argument("--rounds", type=int, default=15, help="timed steps per side")
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--settle", type=int, default=1,
+                 help="untimed steps of a side before its timed step in every round (0: strict alternation)")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"])
   p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
@@ -192,7 +202,8 @@ def main():
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
   for shape in args.shapes.split(","):
-    row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention, variants)
+    row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention, variants,
+                  args.settle)
     row["cores"] = cores
     row["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(row), flush=True)

@@ -28,6 +28,7 @@ from maxlm.errors import DataError
 TASKS = ("A", "B", "C")
 TASK_SPANS = {"A": None, "B": (0, 4), "C": (0, 2)}  # None: the whole sentence
 MIN_WORDS = 5               # "sentences of more than 4 words" (IB)
+TIE_RTOL = 1e-9             # relative gap under which two classes' inside probabilities count as a tie
 DEFAULT_MAX_WORDS = 31      # IB's --length-limit 32 (exclusive)
 _CHUNK_SENTENCES = 4096     # fixed, so a task with fewer rows is a prefix of one with more
 _EMPTY_CHUNKS_LIMIT = 8     # chunks without one usable sentence before the grammar is declared unfit
@@ -97,7 +98,11 @@ def _labels_and_derived(grammar: Grammar, sentences, task: str, classes: list[st
                     f"{len(sentences[short[0]])}.")
   values, _ = _span_values(grammar, sentences, *(TASK_SPANS[task] or (0, None)))
   cand = values[:, [grammar.nt_id[c] for c in classes]]
-  best = np.argmax(cand, axis=1)  # the first maximum: classes are sorted, so ties go to the first name
+  # Ties go to the first name (classes are sorted). Rules that tie exactly, like two identical ones, can come out
+  # of the scaled inside pass a few ulps apart, by summation order that differs between CPUs; within TIE_RTOL of
+  # the maximum counts as a tie.
+  top = cand.max(axis=1, keepdims=True)
+  best = np.argmax(cand >= top * (1 - TIE_RTOL), axis=1)
   return [classes[i] for i in best], cand.max(axis=1) > 0
 
 

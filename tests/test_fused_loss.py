@@ -132,9 +132,11 @@ def test_peaked_and_flat_distributions():
   w_DxV = jnp.asarray(np.random.default_rng(1).standard_normal((D, V)), jnp.float32)
   w_DxV = w_DxV / jnp.linalg.norm(w_DxV, axis=0, keepdims=True)
   hidden_NxD = 200.0 * w_DxV[:, jnp.maximum(labels_N, 0)].T
+  # The label's logit is 200, where fp32's spacing is 1.5e-5: both sides' logits carry that rounding, and which
+  # matmul kernel the CPU picks (its vector width) moves the gradients by up to ~1.3e-5 of their largest entry.
   for objective in ("ce", "mile", "emo", "tvd"):
     got = fused("blockwise", objective, {}, hidden_NxD, w_DxV, labels_N, cost_VxE, **TILES)
-    assert_close(got, reference(objective, {}, hidden_NxD, w_DxV, labels_N, cost_VxE), 1e-5, f"peaked {objective}")
+    assert_close(got, reference(objective, {}, hidden_NxD, w_DxV, labels_N, cost_VxE), 5e-5, f"peaked {objective}")
 
 
 @pytest.mark.parametrize("block_tokens,block_vocab", [(1, 1), (37, 53), (64, 128), (5, 52)])
