@@ -103,7 +103,7 @@ def _labels_and_derived(grammar: Grammar, sentences, task: str, classes: list[st
   # the maximum counts as a tie.
   top = cand.max(axis=1, keepdims=True)
   best = np.argmax(cand >= top * (1 - TIE_RTOL), axis=1)
-  return [classes[i] for i in best], cand.max(axis=1) > 0
+  return [classes[i] for i in best], top[:, 0] > 0
 
 
 def _sentence_chunks(grammar: Grammar, seed: int, max_words: int):
