@@ -154,10 +154,7 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
   names = list(sides)
   for r in range(rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-      # Untimed steps first: a step right after the other framework's step pays for memory that one just gave
-      # back (a maxlm mid step measured +1.7-2.1 s, all kernel page-fault time, after a torch step), which a
-      # training run, one program stepping on its own, never does.
-      for _ in range(settle):
+      for _ in range(settle):  # untimed: see the module docstring
         states[name], _ = sides[name](states[name])
       t0 = time.perf_counter()
       states[name], _ = sides[name](states[name])
