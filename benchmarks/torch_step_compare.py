@@ -5,22 +5,28 @@ Owns nothing the library uses; prints one JSON line per shape with both sides' s
   python benchmarks/torch_step_compare.py                       # demo and 134M shapes, 2 threads, 15 rounds
   python benchmarks/torch_step_compare.py --shapes demo --rounds 30 --objectives ce,mile
 
-Both sides run fp32 on the CPU with one thread budget: the process is pinned to `--threads` cores before jax or
-torch load, which bounds XLA's intra-op pool (sized from the schedulable cores) and torch.set_num_threads(threads)
-alike. XLA_FLAGS is left as the caller set it; the JSON records it. Each round visits every side in a rotating
-order, so load from other jobs on a shared machine hits all sides alike: `--settle` untimed steps, then one timed
-step (a side's step right after the other framework's pays for the memory that one just released; a training run
-never alternates frameworks). Medians and quartiles reported.
+Every side runs in its own process, as a user runs it: a maxlm side tunes its allocator as `python -m maxlm.train`
+does (maxlm/host.py; `--untuned` adds a side without), the torch side keeps glibc's defaults. All run fp32 on the
+CPU with one thread budget: the parent is pinned to `--threads` cores and the sides inherit it, which bounds XLA's
+intra-op pool (sized from the schedulable cores) and torch.set_num_threads(threads) alike. XLA_FLAGS is left as the
+caller set it; the JSON records it. Each round visits every side in a rotating order, so load from other jobs on a
+shared machine hits all sides alike: `--settle` untimed steps, then one timed step (a side's step right after
+another's pays for the memory that one just released; a training run never alternates). Medians and quartiles of
+wall time, medians of the step's user and system CPU seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import pickle
 import statistics
 import sys
 import time
+
+MAXLM_MALLOC_ENV = "MAXLM_CPU_MALLOC"  # maxlm.host.ENV, named here so the parent never imports jax
 
 
 def pin_threads(threads: int) -> list[int]:
@@ -120,53 +126,109 @@ def summarise(times: list[float], tokens: int) -> dict:
           "max_s": round(max(times), 4), "tokens_per_sec": round(tokens / med, 1)}
 
 
-def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attention: str,
-            variants: dict[str, list[str]] | None = None, settle: int = 1) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
+def side_worker(conn, side: dict, shape: str, local: dict, params_file: str, attention: str, threads: int):
+  """One side in its own process, as a user would run it: builds its step, then answers ("run", n) with the
+  wall, user and system seconds of the last of n steps and its loss, until ("stop", 0)."""
+  os.environ.update(side.get("env", {}))  # before jax loads: XLA_FLAGS and the like
+  if side["kind"] == "maxlm":
+    os.environ[MAXLM_MALLOC_ENV] = side["malloc"]
+    from maxlm import host  # pylint: disable=import-outside-toplevel
+    host.tune_cpu_malloc()  # what `python -m maxlm.train` does before jax starts (maxlm/host.py)
+    import jax  # pylint: disable=import-outside-toplevel
+    run, state, _, lay = maxlm_side("demo", shape_overrides(shape) + side["overrides"], side["objective"], local)
+    if params_file and not os.path.exists(params_file):
+      with open(params_file, "wb") as f:
+        pickle.dump(jax.device_get(lay.model_params(state)), f)
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(threads)
+    with open(params_file, "rb") as f:
+      params = pickle.load(f)
+    run, state = torch_side(load_config("demo", shape_overrides(shape), num_devices=1), params, local, attention), None
+  conn.send("ready")
+  while True:
+    command, n = conn.recv()
+    if command == "stop":
+      return
+    for _ in range(n):
+      t0, c0 = time.perf_counter(), os.times()
+      state, loss = run(state)
+      wall, c1 = time.perf_counter() - t0, os.times()
+    conn.send((wall, c1.user - c0.user, c1.system - c0.system, loss))
 
-  overrides = shape_overrides(shape)
+
+def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attention: str,
+            variants: dict[str, list[str]] | None = None, settle: int = 1, threads: int = 2,
+            untuned: bool = False) -> dict:
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
   from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
-  cfg0 = load_config("demo", overrides, num_devices=jax.device_count())
+
+  cfg0 = load_config("demo", shape_overrides(shape), num_devices=1)
   B, T, V = cfg0.train.global_batch, cfg0.train.seq_len, cfg0.model.vocab_size
   rng = np.random.default_rng(0)
   local = {"inputs": rng.integers(0, V, (B, T), dtype=np.int32),
            "targets": rng.integers(0, V, (B, T), dtype=np.int32)}
-  sides, states = {}, {}
-  variants = variants or {}
+  sides = {}  # name -> spec; the first maxlm side writes the initial weights torch starts from (same seed on all)
   for objective in objectives:
-    for variant, extra in {"": [], **variants}.items():
-      run, state, cfg, lay = maxlm_side("demo", overrides + extra, objective, local)
-      if "torch" not in sides:  # torch starts from the same initial weights (same seed on every maxlm side)
-        params = jax.device_get(lay.model_params(state))
-        sides["torch"] = torch_side(cfg, params, local, attention)
-        states["torch"] = None
-      name = f"maxlm_{objective}" + (f"_{variant}" if variant else "")
-      sides[name], states[name] = run, state
-  first_loss = {}
-  for name, run in sides.items():
-    for i in range(warmup):
-      states[name], loss = run(states[name])
-      if i == 0:
-        first_loss[name] = round(loss, 5)
-  times = {name: [] for name in sides}
-  names = list(sides)
-  for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-      for _ in range(settle):  # untimed: see the module docstring
-        states[name], _ = sides[name](states[name])
-      t0 = time.perf_counter()
-      states[name], _ = sides[name](states[name])
-      times[name].append(time.perf_counter() - t0)
+    for variant, extra in {"": [], **(variants or {})}.items():
+      env = dict(o.split("=", 1) for o in extra if o.split("=", 1)[0].isupper())  # XLA_FLAGS=...: the side's env
+      sides[f"maxlm_{objective}" + (f"_{variant}" if variant else "")] = {
+          "kind": "maxlm", "objective": objective, "overrides": [o for o in extra if o.split("=", 1)[0] not in env],
+          "malloc": "auto", "env": env}
+  if untuned:
+    sides[f"maxlm_{objectives[0]}_untuned"] = {"kind": "maxlm", "objective": objectives[0], "overrides": [],
+                                               "malloc": "off"}
+  sides["torch"] = {"kind": "torch", "malloc": "glibc default"}
+  ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no allocator or thread state shared
+  conns, procs = {}, []
+  with tempfile.TemporaryDirectory() as tmp:
+    params_file = os.path.join(tmp, "params.pkl")
+    for name, side in sides.items():  # one at a time: the torch side needs the weights file
+      parent, child = ctx.Pipe()
+      proc = ctx.Process(target=side_worker, args=(child, side, shape, local, params_file, attention, threads),
+                         daemon=True)
+      proc.start()
+      procs.append(proc)
+      if parent.recv() != "ready":
+        raise SystemExit(f"side {name} failed to start")
+      conns[name] = parent
+
+    def step(name, n):
+      conns[name].send(("run", n))
+      return conns[name].recv()
+
+    try:
+      first_loss = {name: round(step(name, 1)[3], 5) for name in sides}
+      for name in sides:
+        if warmup > 1:
+          step(name, warmup - 1)
+      times = {name: [] for name in sides}
+      cpu = {name: [] for name in sides}
+      names = list(sides)
+      for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+          wall, user, system, _ = step(name, settle + 1)  # settle untimed steps: see the module docstring
+          times[name].append(wall)
+          cpu[name].append((user, system))
+    finally:
+      for name, conn in conns.items():
+        conn.send(("stop", 0))
+      for proc in procs:
+        proc.join(timeout=60)
   tokens = B * T
   out = {"shape": shape, "tokens_per_step": tokens, "B": B, "T": T, "vocab": V, "hidden": cfg0.model.hidden,
          "layers": cfg0.model.layers, "rounds": rounds, "settle_steps": settle, "first_step_loss": first_loss,
-         "torch_attention": attention, "torch_threads": torch.get_num_threads(),
-         "variants": variants, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "jax_version": jax.__version__, "torch_version": torch.__version__}
+         "torch_attention": attention, "torch_threads": threads, "processes": "one per side",
+         "malloc": {name: side["malloc"] for name, side in sides.items()}, "variants": variants or {},
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+         "jax_version": importlib.metadata.version("jax"), "torch_version": importlib.metadata.version("torch")}
   for name, ts in times.items():
     out[name] = summarise(ts, tokens)
+    out[name]["cpu_user_s"] = round(statistics.median(u for u, _ in cpu[name]), 3)
+    out[name]["cpu_system_s"] = round(statistics.median(s for _, s in cpu[name]), 3)
   for name in names:
     if name != "torch":
       out[f"{name}_vs_torch_tokens_per_sec"] = round(out[name]["tokens_per_sec"] / out["torch"]["tokens_per_sec"], 3)
@@ -185,9 +247,12 @@ def main():
                  help="untimed steps of a side before its timed step in every round (0: strict alternation)")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"])
+  p.add_argument("--untuned", action="store_true",
+                 help="add a maxlm side with MAXLM_CPU_MALLOC=off (glibc's default allocator, see maxlm/host.py)")
   p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
                  help="an extra maxlm side per objective with these config overrides, e.g. "
-                      "noscan=model.scan_layers=false (repeatable)")
+                      "noscan=model.scan_layers=false; an upper-case KEY sets that side's environment, e.g. "
+                      "ynn=XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (repeatable)")
   args = p.parse_args()
   variants = {}
   for spec in args.variant:
@@ -195,12 +260,10 @@ def main():
     if not name or not overrides:
       p.error(f"--variant {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
     variants[name] = overrides.split(",")
-  cores = pin_threads(args.threads)
-  import torch  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(args.threads)
+  cores = pin_threads(args.threads)  # the side processes inherit the affinity
   for shape in args.shapes.split(","):
     row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention, variants,
-                  args.settle)
+                  args.settle, args.threads, args.untuned)
     row["cores"] = cores
     row["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(row), flush=True)

@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 
+from maxlm import host
 from maxlm import model as model_lib
 from maxlm import plan, sharding
 from maxlm import state as state_lib
@@ -83,6 +84,7 @@ def main():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--plans", action="store_true")
   args = p.parse_args()
+  host.tune_cpu_malloc()  # as `python -m maxlm.train` does, before jax starts (MAXLM_CPU_MALLOC=off: glibc's default)
   if args.plans:
     for row in plans():
       print(json.dumps(row))

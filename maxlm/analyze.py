@@ -8,6 +8,7 @@ import importlib
 import sys
 from typing import Optional
 
+from maxlm import host
 from maxlm.errors import cli_exit_code
 
 
@@ -22,7 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
   args = build_parser().parse_args(argv)
-  return cli_exit_code(lambda: args.func(args))
+
+  def body():
+    if argv is None:  # the process is this CLI: tune its allocator before jax creates the CPU client's threads
+      host.tune_cpu_malloc()
+    return args.func(args)
+
+  return cli_exit_code(body)
 
 
 if __name__ == "__main__":

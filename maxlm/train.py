@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxlm import hooks as hooks_lib
+from maxlm import host
 from maxlm import model as model_lib
 from maxlm import plan, sharding
 from maxlm import state as state_lib
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
   outcome = {}
 
   def body():
+    if argv is None:  # the process is this CLI: tune its allocator before jax creates the CPU client's threads
+      host.tune_cpu_malloc()
     if args.distributed:
       jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                  process_id=args.process_id)
