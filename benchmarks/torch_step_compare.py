@@ -26,8 +26,6 @@ import statistics
 import sys
 import time
 
-MAXLM_MALLOC_ENV = "MAXLM_CPU_MALLOC"  # maxlm.host.ENV, named here so the parent never imports jax
-
 
 def pin_threads(threads: int) -> list[int]:
   """Pins this process to `threads` of its cores (before jax/torch create their pools); returns them."""
@@ -131,9 +129,8 @@ def side_worker(conn, side: dict, shape: str, local: dict, params_file: str, att
   wall, user and system seconds of the last of n steps and its loss, until ("stop", 0)."""
   os.environ.update(side.get("env", {}))  # before jax loads: XLA_FLAGS and the like
   if side["kind"] == "maxlm":
-    os.environ[MAXLM_MALLOC_ENV] = side["malloc"]
     from maxlm import host  # pylint: disable=import-outside-toplevel
-    host.tune_cpu_malloc()  # what `python -m maxlm.train` does before jax starts (maxlm/host.py)
+    host.tune_cpu_malloc(side["malloc"])  # what `python -m maxlm.train` does before jax starts
     import jax  # pylint: disable=import-outside-toplevel
     run, state, _, lay = maxlm_side("demo", shape_overrides(shape) + side["overrides"], side["objective"], local)
     if params_file and not os.path.exists(params_file):
@@ -192,8 +189,10 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
                          daemon=True)
       proc.start()
       procs.append(proc)
-      if parent.recv() != "ready":
-        raise SystemExit(f"side {name} failed to start")
+      try:
+        parent.recv()  # "ready"
+      except EOFError:
+        raise SystemExit(f"side {name} failed to start (its traceback is above)") from None
       conns[name] = parent
 
     def step(name, n):
