@@ -167,7 +167,13 @@ class WandbTracker:
     pass  # W&B ignores steps at or below the ones it has; later steps overwrite nothing
 
   def close(self) -> None:
+    import wandb  # pylint: disable=import-outside-toplevel
     self._run.finish()
+    # finish() only tells wandb's service process the run is over; the service closes (and flushes) the run's
+    # transaction log later, at the latest in its atexit teardown, which multiprocessing can skip. Tear the service
+    # down now, so the .wandb file is complete when close() returns, unless another run of this process still uses it.
+    if wandb.run is None:
+      wandb.teardown()
 
 
 # ----------------------------------------------------------------------------- the logger

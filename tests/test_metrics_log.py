@@ -1,5 +1,5 @@
 """Tests for maxlm.metrics_log: strict JSON lines, resume truncation, TensorBoard's own reader on the tensorboardX
-event files, and the Weights & Biases tracker in offline mode (read back with wandb's datastore reader)."""
+event files, and the Weights & Biases tracker in offline mode (its run file read back)."""
 
 import glob
 import json
@@ -140,3 +140,18 @@ def test_wandb_tracker_offline_writes_its_files(tmp_path, monkeypatch):
   # The run file (wandb's own binary log of protobuf records) carries the metric and its values.
   blob = open(glob.glob(os.path.join(offline[0], "*.wandb"))[0], "rb").read()
   assert b"loss" in blob and b"0.5" in blob and b"maxlm-test" in blob
+
+
+def test_wandb_tracker_close_leaves_the_users_own_run_alive(tmp_path, monkeypatch):
+  wandb = pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  mine = wandb.init(project="users-own", dir=str(tmp_path))
+  logger = MetricsLogger(str(tmp_path / "run"), tensorboard=False, wandb_project="maxlm-test")
+  logger.log(1, {"loss": 1.0})
+  logger.close()
+  mine.log({"users_metric": 0.125})  # raises if closing maxlm's tracker tore down the service under it
+  mine.finish()
+  wandb.teardown()
+  users = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*", "*.wandb"))
+  assert len(users) == 1 and b"users_metric" in open(users[0], "rb").read()
