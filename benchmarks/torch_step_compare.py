@@ -236,6 +236,27 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
   return out
 
 
+def cpu_identity() -> dict:
+  """The CPU's model name, family/model numbers and widest vector extension, from /proc/cpuinfo (Linux).
+
+  Ratios between the two sides move with the CPU (vector width, cache sizes), so every row names the one it ran on.
+  """
+  fields = {}
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if not line.strip():
+          break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  except OSError:
+    return {}
+  flags = set(fields.get("flags", "").split())
+  widest = next((isa for isa in ("avx512f", "avx2", "avx", "sse4_2") if isa in flags), "other")
+  return {"model_name": fields.get("model name", "unknown"), "family": fields.get("cpu family"),
+          "model": fields.get("model"), "widest_vector_isa": widest}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--shapes", default="demo,mid", help="comma list of demo (4M, 16 x 128) and mid (134M, 4 x 256)")
@@ -264,6 +285,7 @@ def main():
     row = compare(shape, args.objectives.split(","), args.rounds, args.warmup, args.torch_attention, variants,
                   args.settle, args.threads, args.untuned)
     row["cores"] = cores
+    row["cpu"] = cpu_identity()
     row["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(row), flush=True)
 
