@@ -214,7 +214,7 @@ def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", doma
   tok = TextTokenizer(tokenizer, separator)
   settings = {
       "version": STORE_VERSION, "text_key": text_key, "domain_key": domain_key, "default_domain": default_domain,
-      "validation_fraction": validation_fraction, "tokenizer_path": os.path.abspath(tokenizer),
+      "validation_fraction": validation_fraction, "tokenizer_path": os.path.abspath(tok.path),
       "tokenizer_sha256": tok.sha256, "separator": tok.separator, "dtype": token_store.token_dtype(tok.vocab_size),
       "flush_tokens": flush_tokens,
       "inputs": [{"file": p, "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files],

@@ -31,6 +31,16 @@ def tokenizer_kind(path: str) -> str:
   return "hf" if head == b"{" else "sentencepiece"
 
 
+def resolve_tokenizer_path(path: str) -> str:
+  """`path` itself, or for a directory (a Hugging Face model or tokenizer folder) its tokenizer.json, else its
+  SentencePiece tokenizer.model; unchanged when neither is there (the caller reports it)."""
+  if path and os.path.isdir(path):
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+  return path
+
+
 class TextTokenizer:
   """Encodes documents without special tokens (the separator is appended by the caller) and decodes ids.
 
@@ -38,9 +48,11 @@ class TextTokenizer:
   """
 
   def __init__(self, path: str, separator: str | None = None):
+    given, path = path, resolve_tokenizer_path(path)
     if not path or not os.path.isfile(path):
-      raise DataError(f"tokenizer {path!r} not found: pass a local HF tokenizer.json or SentencePiece .model "
-                      "(nothing is downloaded).")
+      where = " (a directory without tokenizer.json or tokenizer.model)" if given and os.path.isdir(given) else ""
+      raise DataError(f"tokenizer {given!r} not found{where}: pass a local HF tokenizer.json, a SentencePiece "
+                      ".model, or a directory holding one (nothing is downloaded).")
     self.path = path
     self.kind = tokenizer_kind(path)
     self.sha256 = file_sha256(path)
@@ -109,9 +121,10 @@ BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 def run_tokenizer(data_cfg) -> tuple[str | None, object]:
   """The tokenizer a run's data section implies: ('file', path) | ('pcfg', Grammar) | (None, why not)."""
   if data_cfg.tokenizer:
-    if not os.path.isfile(data_cfg.tokenizer):
-      return None, f"data.tokenizer {data_cfg.tokenizer} does not exist here"
-    return "file", data_cfg.tokenizer
+    path = resolve_tokenizer_path(data_cfg.tokenizer)
+    if not os.path.isfile(path):
+      return None, f"data.tokenizer {data_cfg.tokenizer} does not exist here (or holds no tokenizer.json/.model)"
+    return "file", path
   if data_cfg.source in ("store", "replay") and data_cfg.path:
     try:
       from maxlm.data_pipelines.token_store import TokenStore  # pylint: disable=import-outside-toplevel

@@ -172,8 +172,9 @@ def rebuild_unsaved(lay: StateLayout, restored: dict) -> dict:
 
 
 def inherit_architecture(cfg: Config, source: Config, where: str) -> None:
-  """Takes the model architecture of an init_from source for every key the user did not set; a key the user set to
-  a different value is a CheckpointError naming both."""
+  """Takes the model architecture of an init_from source for every key the user did not set; keys the user (or
+  the preset) set to different values are one CheckpointError naming each, with the overrides that would fit."""
+  conflicts = []
   for key in ARCHITECTURE_KEYS:
     mine, theirs = getattr(cfg.model, key), getattr(source.model, key)
     if mine == theirs:
@@ -182,6 +183,20 @@ def inherit_architecture(cfg: Config, source: Config, where: str) -> None:
     if origin == "the defaults":
       setattr(cfg.model, key, theirs)
     else:
-      raise CheckpointError(f"checkpoint.init_from {where} does not fit this model: shape mismatch: model.{key} = "
-                            f"{mine!r} (from {origin}) contradicts the source's model.{key} = {theirs!r}; drop the "
-                            "setting (the architecture comes from the source) or start from another checkpoint")
+      conflicts.append((key, mine, origin, theirs))
+  if conflicts:
+    said = "; ".join(f"model.{k} = {mine!r} (from {origin}) contradicts the source's model.{k} = {theirs!r}"
+                     for k, mine, origin, theirs in conflicts)
+    fits = " ".join(f"model.{k}={_yaml_scalar(theirs)}" for k, _, _, theirs in conflicts)
+    raise CheckpointError(f"checkpoint.init_from {where} does not fit this model: shape mismatch: {said}; drop the "
+                          "setting (the architecture comes from the source), or keep the preset and add the "
+                          f"source's values to the command line ({fits}), or start from another checkpoint")
+
+
+def _yaml_scalar(value) -> str:
+  """A config value as a `key=value` override spells it."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  return str(value)

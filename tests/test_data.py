@@ -207,6 +207,27 @@ def test_prepare_with_worker_processes(corpus, store, tmp_path):
   np.testing.assert_array_equal(_read_array(str(out), "Gamma", "train"), _read_array(store, "Gamma", "train"))
 
 
+def test_a_hugging_face_directory_is_a_tokenizer(corpus, tmp_path):
+  """--tokenizer and data.tokenizer take a model directory as transformers saves it: its tokenizer.json is used
+  (the same store as from the file), and a directory without one is an error that says what it lacks."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  hf_dir = tmp_path / "my_model"
+  hf_dir.mkdir()
+  shutil.copy(corpus.bpe, hf_dir / "tokenizer.json")
+  (hf_dir / "config.json").write_text("{}")
+  from_dir = _prepare(corpus, tmp_path / "from_dir", tokenizer=str(hf_dir))
+  from_file = _prepare(corpus, tmp_path / "from_file", tokenizer=corpus.bpe)
+  assert from_dir["tokenizer"]["sha256"] == from_file["tokenizer"]["sha256"]
+  for domain in DOMAIN_WORDS:
+    np.testing.assert_array_equal(_read_array(str(tmp_path / "from_dir"), domain, "train"),
+                                  _read_array(str(tmp_path / "from_file"), domain, "train"))
+  assert load_config("demo", [f"data.tokenizer={hf_dir}"]).data.tokenizer == str(hf_dir / "tokenizer.json")
+  (hf_dir / "tokenizer.json").unlink()
+  with pytest.raises(DataError, match=r"a directory without tokenizer.json or tokenizer.model"):
+    _prepare(corpus, tmp_path / "none", tokenizer=str(hf_dir))
+
+
 def test_sentencepiece_and_plain_text(tmp_path):
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   rng = random.Random(1)

@@ -103,6 +103,28 @@ def test_init_from_rejects_a_model_of_another_shape(tmp_path):
     run(tmp_path / "wide", 1, f"checkpoint.init_from={tmp_path / 'small'}", "model.ffn=96")
 
 
+def test_a_preset_that_contradicts_the_source_is_told_the_overrides_that_fit():
+  """Every contradicting key is named in one error with its origin, and the overrides the error suggests make
+  the same preset fit; keys the preset leaves at the defaults are taken from the source silently."""
+  import re  # pylint: disable=import-outside-toplevel
+  from maxlm import state as state_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  source = load_config("demo", ["model.vocab_size=300", "model.hidden=64", "model.ffn=160", "model.kv_heads=2",
+                                "model.tie_embeddings=true"])
+  with pytest.raises(CheckpointError) as info:
+    state_lib.inherit_architecture(load_config("demo"), source, "my_import")
+  said = str(info.value)
+  for key, mine, theirs in (("vocab_size", 512, 300), ("hidden", 256, 64), ("ffn", 768, 160)):
+    assert f"model.{key} = {mine} (from configs/demo.yaml) contradicts the source's model.{key} = {theirs}" in said
+  assert "kv_heads" not in said and "tie_embeddings" not in said  # left at the defaults by demo.yaml
+  suggested = re.search(r"command line \(([^)]*)\)", said).group(1).split()
+  assert suggested == ["model.vocab_size=300", "model.hidden=64", "model.ffn=160"]
+  cfg = load_config("demo", suggested)
+  state_lib.inherit_architecture(cfg, source, "my_import")
+  assert (cfg.model.vocab_size, cfg.model.hidden, cfg.model.ffn, cfg.model.kv_heads, cfg.model.tie_embeddings) == (
+      300, 64, 160, 2, True)
+
+
 def test_init_from_an_emo_run_keeps_the_fixed_cost_embedding_sharded(tmp_path):
   """EMO with a fixed cost embedding started from a checkpoint takes a snapshot of the imported head."""
   import numpy as np
