@@ -31,14 +31,16 @@ def tokenizer_kind(path: str) -> str:
   return "hf" if head == b"{" else "sentencepiece"
 
 
+def tokenizer_file_in(directory: str) -> str | None:
+  """A model directory's main tokenizer file (tokenizer.json, else SentencePiece's tokenizer.model), or None."""
+  return next((os.path.join(directory, n) for n in ("tokenizer.json", "tokenizer.model")
+               if os.path.isfile(os.path.join(directory, n))), None)
+
+
 def resolve_tokenizer_path(path: str) -> str:
-  """`path` itself, or for a directory (a Hugging Face model or tokenizer folder) its tokenizer.json, else its
-  SentencePiece tokenizer.model; unchanged when neither is there (the caller reports it)."""
-  if path and os.path.isdir(path):
-    for name in ("tokenizer.json", "tokenizer.model"):
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
-  return path
+  """`path`, or for a directory (a Hugging Face model or tokenizer folder) its main tokenizer file; unchanged when
+  the directory has none (the caller reports it)."""
+  return (tokenizer_file_in(path) or path) if path and os.path.isdir(path) else path
 
 
 class TextTokenizer:

@@ -516,8 +516,9 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
 
   Choices (Literal fields) and types were checked when each value was set.
   """
-  from maxlm.data_pipelines.tokenization import resolve_tokenizer_path  # pylint: disable=import-outside-toplevel
-  cfg.data.tokenizer = resolve_tokenizer_path(cfg.data.tokenizer)  # an HF directory -> its tokenizer file
+  if cfg.data.tokenizer and os.path.isdir(cfg.data.tokenizer):  # an HF model directory -> its tokenizer file
+    from maxlm.data_pipelines.tokenization import resolve_tokenizer_path  # pylint: disable=import-outside-toplevel
+    cfg.data.tokenizer = resolve_tokenizer_path(cfg.data.tokenizer)
   _check_ranges(cfg)
   _check_model(cfg)
   _check_features(cfg)

@@ -16,7 +16,7 @@ import numpy as np
 
 from maxlm import checkpoint, hf_names
 from maxlm.config import Config, finalize, load_config
-from maxlm.data_pipelines.tokenization import carry_tokenizer, export_tokenizer
+from maxlm.data_pipelines.tokenization import carry_tokenizer, export_tokenizer, tokenizer_file_in
 from maxlm.errors import CheckpointError, ConversionError, cli_exit_code
 from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
 
@@ -387,10 +387,9 @@ def read_hf(model_dir: str, *, config: Optional[str] = None, overrides: tuple[st
   if cfg.loss.objective == "emo" and cfg.loss.cost_embedding == "fixed":
     head = params["embed"] if cfg.model.tie_embeddings else params["lm_head"].T
     extras["cost_embedding"] = np.array(head, dtype=np.float32)  # (V, D): the head at import, never trained
-  main_file = next((f for f in ("tokenizer.json", "tokenizer.model") if os.path.isfile(os.path.join(model_dir, f))),
-                   None)
+  main_file = tokenizer_file_in(model_dir)
   if main_file and not cfg.data.tokenizer:
-    cfg.data.tokenizer = os.path.join(model_dir, main_file)
+    cfg.data.tokenizer = main_file
   return cfg, params, extras
 
 

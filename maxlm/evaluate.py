@@ -181,7 +181,8 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
   hf_dir = export_cached(checkpoint_path, step, dtype=dtype, log=log)
   with open(os.path.join(hf_dir, "maxlm_export.json")) as f:
     step = json.load(f)["step"]
-  if not any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer.model")):
+  from maxlm.data_pipelines.tokenization import tokenizer_file_in  # pylint: disable=import-outside-toplevel
+  if not tokenizer_file_in(hf_dir):
     raise MaxlmError(f"the export {hf_dir} has no tokenizer (the run names none); set data.tokenizer in the "
                      "run's config so the harness can tokenize its tasks")
   manager = TaskManager(include_path=include_path) if include_path else TaskManager()
