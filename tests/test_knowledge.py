@@ -143,6 +143,22 @@ def test_coefficients_match_transformers_in_both_modes(tmp_path, hf_dirs, family
   assert np.abs(results["valid"].coefficients - results["reference"].coefficients).max() > 1e-3
 
 
+def test_rows_longer_than_max_positions_match_transformers(tmp_path, hf_dirs):
+  """KE pads every row to 2048 tokens whatever the model's max_position_embeddings, and transformers runs RoPE
+  past it; so does maxlm (with a warning), pads included in A in mode reference."""
+  directory, m, tok = hf_dirs["llama"]
+  assert m.config.max_position_embeddings == 64
+  texts = TEXTS + [" ".join(WORDS[j % 40] for j in range(75))]  # one document longer than 64 tokens
+  data = text_file(tmp_path / "docs.jsonl", texts)
+  ids, mask = tokenized(tok, texts, 80)
+  for mode in ("valid", "reference"):
+    said = []
+    (r,) = ke.knowledge_entropy_series([str(directory)], data, seq_len=80, batch_size=4, mode=mode, progress=False,
+                                       log=said.append)
+    np.testing.assert_allclose(r.coefficients, torch_coefficients(m, ids, mask, mode), rtol=2e-5, atol=1e-7)
+    assert any("max_positions = 64" in s for s in said)
+
+
 def test_run_dir_gives_the_hf_directory_s_coefficients(tmp_path, hf_dirs):
   from maxlm import convert  # pylint: disable=import-outside-toplevel
   directory = hf_dirs["olmo"][0]
@@ -190,8 +206,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   empty.write_text("\n\n")
   with pytest.raises(DataError, match="holds no documents"):
     ke.knowledge_entropy_series([str(tmp_path / "run")], str(empty), seq_len=16, progress=False)
-  with pytest.raises(DataError, match="exceeds .*max_positions = 32; pass --seq-len 32"):
-    ke.knowledge_entropy_series([str(tmp_path / "run")], text_file(tmp_path / "d.jsonl"), progress=False)
+  said = []
+  ke.knowledge_entropy_series([str(tmp_path / "run")], text_file(tmp_path / "d.jsonl"), seq_len=48, progress=False,
+                              log=said.append)  # past max_positions: a warning, not an error (next test)
+  assert any("past" in s and "max_positions = 32" in s and "--seq-len 32" in s for s in said), said
   gpt2 = tmp_path / "gpt2"
   gpt2.mkdir()
   (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))

@@ -190,9 +190,10 @@ def knowledge_entropy_series(checkpoints: list[str], data: str, *, seq_len: int 
   for spec in outer:
     loaded, graphdef = load_on_mesh(spec, mesh)
     cfg = loaded.cfg
-    if seq_len > cfg.model.max_positions:
-      raise DataError(f"--seq-len {seq_len} exceeds {spec}'s model.max_positions = {cfg.model.max_positions}; "
-                      f"pass --seq-len {cfg.model.max_positions} or less")
+    if seq_len > cfg.model.max_positions:  # KE pads to 2048 whatever the model; RoPE has no table to run out of
+      log(f"maxlm: warning: --seq-len {seq_len} is past {spec}'s model.max_positions = {cfg.model.max_positions}: "
+          "rows run to that length as transformers runs them (RoPE positions the model was not trained at; in "
+          f"mode reference the pads count in A); pass --seq-len {cfg.model.max_positions} to stay inside")
     key = _tokenizer_key(cfg)
     if key not in rows_cache:
       rows_cache[key] = pretrained.model_rows(cfg, data, seq_len=seq_len, max_docs=max_docs, log=log)
