@@ -449,6 +449,9 @@ def open_checkpoints(path: str) -> Checkpointer:
     raise CheckpointError(f"checkpoint path {path!r} does not exist; pass a run directory holding "
                           f"'{CHECKPOINTS}/' (from maxlm.train or `maxlm.convert from-hf`)")
   if not os.path.isdir(directory):
+    if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+      raise CheckpointError(f"{path!r} is a Hugging Face model directory, not a maxlm run; import it first with "
+                            f"`python -m maxlm.convert from-hf --model {path} --output runs/NAME` and pass runs/NAME")
     raise CheckpointError(f"{path!r} holds no '{CHECKPOINTS}/' directory: pass the run directory of a "
                           "maxlm.train run or a `maxlm.convert from-hf` output")
   return Checkpointer(path, CheckpointConfig(async_save=False), read_only=True)

@@ -14,9 +14,9 @@ from typing import Optional
 
 import numpy as np
 
-from maxlm import checkpoint
+from maxlm import checkpoint, pretrained
 from maxlm.config import Config
-from maxlm.errors import DataError, MaxlmError, cli_exit_code
+from maxlm.errors import CheckpointError, DataError, MaxlmError, cli_exit_code
 
 
 
@@ -85,6 +85,28 @@ def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, co
           "token_weighted": {"loss": weighted, "perplexity": math.exp(min(weighted, 700.0))}}
 
 
+def load_one(checkpoint_path: str, step: Optional[int] = None):
+  """The maxlm.pretrained.Pretrained of one checkpoint: a run directory (its newest step, or `step`), RUN@STEP, or
+  a Hugging Face directory."""
+  path, named = pretrained.split_spec(checkpoint_path)
+  if named == "all":
+    raise CheckpointError(f"{checkpoint_path}: evaluation takes one checkpoint; name a step (RUN@STEP) or none")
+  if named is not None and step is not None and int(named) != step:
+    raise CheckpointError(f"{checkpoint_path} and --step {step} name different steps; give one of them")
+  if step is not None and named is None:
+    checkpoint_path = f"{path}@{step}"
+  return pretrained.load(checkpoint_path)
+
+
+def default_output(checkpoint_path: str, step: Optional[int], what: str, tag: str) -> str:
+  """Where an evaluation's JSON goes by default: RUN_DIR/eval/WHAT_stepN_TAG.json for a run's step; for a Hugging
+  Face directory (step None; often read-only, a shared cache), WHAT_NAME_TAG.json in the working directory."""
+  path = pretrained.split_spec(checkpoint_path)[0]
+  if step is not None:
+    return os.path.join(os.path.dirname(checkpoint.checkpoint_dir(path)), "eval", f"{what}_step{step}_{tag}.json")
+  return os.path.abspath(f"{what}_{os.path.basename(os.path.normpath(path))}_{tag}.json")
+
+
 def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional[int] = None,
              seq_len: Optional[int] = None, batch_size: int = 8, num_batches: int = 0,
              compute_dtype: Optional[str] = None, text_field: str = "text", domain_field: str = "",
@@ -92,12 +114,11 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
   """Loss and perplexity of a checkpoint on `data`: a token store directory, a .jsonl/.txt file, or (None) the
   run's own held-out data. num_batches 0 = all of a file / 64 batches of a store. data_format "sft": `data` is
   instruction data (Alpaca JSON / chat JSONL), scored on response tokens only. Writes and returns the JSON."""
-  ckpt = checkpoint.open_checkpoints(checkpoint_path)
-  try:
-    step = ckpt.resolve_step(step)
-  finally:
-    ckpt.close()
-  cfg, params, _ = checkpoint.load_params(checkpoint_path, step)
+  pre = load_one(checkpoint_path, step)
+  cfg, params, step = pre.cfg, pre.params, pre.step
+  if data is None and pre.kind == "hf":
+    raise DataError(f"{checkpoint_path} is a Hugging Face directory, which has no run data: pass --data (a token "
+                    "store directory or a .jsonl/.txt file)")
   seq_len = seq_len or cfg.train.seq_len
   if seq_len > cfg.model.max_positions:
     raise DataError(f"--seq-len {seq_len} exceeds the model's max_positions {cfg.model.max_positions}")
@@ -129,14 +150,15 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
   if vocab_top >= cfg.model.vocab_size:
     raise DataError(f"the data holds token id {vocab_top} but the model's vocab_size is {cfg.model.vocab_size}: "
                     "it was tokenized with another tokenizer")
-  report = loss_report(cfg, params, batches, compute_dtype=compute_dtype or cfg.model.compute_dtype)
-  report.update(checkpoint=os.path.abspath(checkpoint_path), step=step,
+  # An HF directory has no run to take a dtype from: fp32, as transformers loads it and the analysis tools run.
+  compute_dtype = compute_dtype or (cfg.model.compute_dtype if pre.kind == "run" else "float32")
+  report = loss_report(cfg, params, batches, compute_dtype=compute_dtype)
+  report.update(checkpoint=os.path.abspath(pretrained.split_spec(checkpoint_path)[0]), step=step,
                 data=os.path.abspath(data) if data else f"run data ({cfg.data.source})",
                 seq_len=seq_len, seconds=time.perf_counter() - t0)
   if output is None:
     tag = os.path.basename(os.path.normpath(data)).split(".")[0] if data else "run_data"
-    output = os.path.join(os.path.dirname(checkpoint.checkpoint_dir(checkpoint_path)), "eval",
-                          f"loss_step{step}_{tag}.json")
+    output = default_output(checkpoint_path, step, "loss", tag)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
     json.dump(report, f, indent=2)
@@ -178,13 +200,26 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
     from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise MaxlmError("lm-evaluation-harness is not installed: pip install 'maxlm[eval]'") from None
-  hf_dir = export_cached(checkpoint_path, step, dtype=dtype, log=log)
-  with open(os.path.join(hf_dir, "maxlm_export.json")) as f:
-    step = json.load(f)["step"]
   from maxlm.data_pipelines.tokenization import tokenizer_file_in  # pylint: disable=import-outside-toplevel
-  if not tokenizer_file_in(hf_dir):
-    raise MaxlmError(f"the export {hf_dir} has no tokenizer (the run names none); set data.tokenizer in the "
-                     "run's config so the harness can tokenize its tasks")
+  path, named = pretrained.split_spec(checkpoint_path)
+  if pretrained.is_hf_dir(os.path.expanduser(path)):  # already what lm-eval's hf model reads
+    if named is not None or step is not None:
+      raise CheckpointError(f"{checkpoint_path}: a Hugging Face directory has no steps; drop the step")
+    hf_dir, step = os.path.abspath(os.path.expanduser(path)), None
+    if not tokenizer_file_in(hf_dir):
+      raise MaxlmError(f"{hf_dir} has no tokenizer.json or tokenizer.model, which the harness needs to tokenize "
+                       "its tasks; save the model's tokenizer into it (tokenizer.save_pretrained)")
+  else:
+    if named is not None:
+      if step is not None and int(named) != step:
+        raise CheckpointError(f"{checkpoint_path} and --step {step} name different steps; give one of them")
+      checkpoint_path, step = path, int(named)
+    hf_dir = export_cached(checkpoint_path, step, dtype=dtype, log=log)
+    with open(os.path.join(hf_dir, "maxlm_export.json")) as f:
+      step = json.load(f)["step"]
+    if not tokenizer_file_in(hf_dir):
+      raise MaxlmError(f"the export {hf_dir} has no tokenizer (the run names none); set data.tokenizer in the "
+                       "run's config so the harness can tokenize its tasks")
   manager = TaskManager(include_path=include_path) if include_path else TaskManager()
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
@@ -199,9 +234,7 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
              "versions": results.get("versions", {}), "n-samples": results.get("n-samples", {}),
              "config": results.get("config", {})}
   if output is None:
-    output = os.path.join(os.path.dirname(hf_dir.rstrip("/")), "..", "eval",
-                          f"harness_step{step}_{'_'.join(tasks)}.json")
-    output = os.path.normpath(output)
+    output = default_output(checkpoint_path, step, "harness", "_".join(tasks))
   os.makedirs(os.path.dirname(output), exist_ok=True)
   with open(output, "w") as f:
     json.dump(summary, f, indent=2, default=str)
@@ -219,7 +252,7 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
 def _harness_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m maxlm.evaluate harness",
                               description="lm-evaluation-harness on the exported checkpoint")
-  p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
+  p.add_argument("--checkpoint", required=True, help="run directory, RUN@STEP or Hugging Face model directory")
   p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
   p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest finalised)")
@@ -235,14 +268,14 @@ def _harness_parser() -> argparse.ArgumentParser:
 def _loss_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m maxlm.evaluate",
                               description="loss and perplexity of a checkpoint (or: `harness --help`, `mauve -h`)")
-  p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/")
+  p.add_argument("--checkpoint", required=True, help="run directory, RUN@STEP or Hugging Face model directory")
   p.add_argument("--data", default=None, help="token store dir or .jsonl/.txt file (default: the run's data)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest finalised)")
   p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train.seq_len)")
   p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
   p.add_argument("--num-batches", type=int, default=0, help="per domain; 0 = a whole file / 64 store batches")
   p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
-                 help="matmul dtype (default: the run's model.compute_dtype)")
+                 help="matmul dtype (default: the run's model.compute_dtype; float32 for an HF directory)")
   p.add_argument("--text-field", default="text", help="JSONL field path of a record's text")
   p.add_argument("--domain-field", default="", help="JSONL field path of the domain (default: domain, "
                                                    "meta.pile_set_name)")

@@ -116,7 +116,7 @@ def mauve_eval(checkpoint_path: str, data: str, *, prefix_tokens: int, max_new_t
                output: Optional[str] = None, log=print) -> dict:
   """MAUVE of a checkpoint on a data file: generates, featurizes, scores; writes the JSON report and a JSONL of the
   samples beside it; returns the report."""
-  from maxlm import generate as gen_lib  # pylint: disable=import-outside-toplevel
+  from maxlm import evaluate, generate as gen_lib  # pylint: disable=import-outside-toplevel
   sampling = sampling or gen_lib.Sampling(temperature=1.0)
   if prefix_tokens < 1 or max_new_tokens < 1:
     raise DataError(f"--prefix-tokens ({prefix_tokens}) and --max-new-tokens ({max_new_tokens}) must be >= 1")
@@ -148,21 +148,13 @@ def mauve_eval(checkpoint_path: str, data: str, *, prefix_tokens: int, max_new_t
       "continuations": "exactly max_new_tokens tokens each (EOS suppressed)", "p": "human", "q": "model"}
   report["documents"] = counts
   report["seconds"] = {"generate": t1 - t0, "featurize": t2 - t1, "mauve": time.perf_counter() - t2}
-  output = output or default_output(checkpoint_path, pre, data)
+  tag = os.path.basename(os.path.normpath(data)).split(".")[0]
+  output = output or evaluate.default_output(checkpoint_path, pre.step, "mauve", tag)
   report["samples"] = _write(output, report, conts, human_texts, model_texts)
   log(f"MAUVE {report['mauve']:.4f} (frontier integral {report['frontier_integral']:.4f}) over {len(windows)} "
       f"samples; wrote {output}")
   report["output"] = output
   return report
-
-
-def default_output(checkpoint_path: str, pre, data: str) -> str:
-  tag = os.path.basename(os.path.normpath(data)).split(".")[0]
-  if pre.kind == "run":
-    from maxlm import checkpoint, pretrained  # pylint: disable=import-outside-toplevel
-    run_dir = os.path.dirname(checkpoint.checkpoint_dir(pretrained.split_spec(checkpoint_path)[0]))
-    return os.path.join(run_dir, "eval", f"mauve_step{pre.step}_{tag}.json")
-  return os.path.abspath(f"mauve_{os.path.basename(os.path.normpath(checkpoint_path))}_{tag}.json")
 
 
 def _write(output: str, report: dict, conts: Continuations, human_texts, model_texts) -> str:

@@ -82,6 +82,10 @@ def test_missing_dir_and_missing_step(tmp_path, cfg):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(CheckpointError, match="holds no 'checkpoints/'"):
     checkpoint.load_params(str(tmp_path / "empty"))
+  (tmp_path / "empty" / "config.json").write_text("{}")  # what transformers' save_pretrained leaves
+  with pytest.raises(CheckpointError, match="is a Hugging Face model directory, not a maxlm run; import it first "
+                                            "with `python -m maxlm.convert from-hf"):
+    checkpoint.load_params(str(tmp_path / "empty"))
   state = {"params": {"w": jnp.ones((3,))}}
   with checkpoint.Checkpointer(str(tmp_path / "run"), CheckpointConfig(every=1, async_save=False)) as ckpt:
     for step in (1, 2, 3):

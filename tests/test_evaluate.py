@@ -107,3 +107,34 @@ def test_lm_eval_harness_end_to_end(run, tmp_path, monkeypatch):
   logs = []
   evaluate.export_cached(str(root), log=logs.append)
   assert logs and logs[0].startswith("using the cached export")
+  # An HF directory goes to lm-eval as it is (no export), with the same result; its JSON lands in the working dir.
+  monkeypatch.chdir(tmp_path)
+  direct = evaluate.harness(summary["hf_dir"], ["maxlm_pcfg_next_word"], include_path=str(tasks))
+  assert direct["results"]["maxlm_pcfg_next_word"]["acc,none"] == acc and direct["step"] is None
+  assert direct["hf_dir"] == summary["hf_dir"] and os.path.dirname(direct["output"]) == str(tmp_path)
+
+
+def test_a_hugging_face_directory_and_run_at_step_evaluate_as_the_run(run, tmp_path, monkeypatch):
+  """`--checkpoint` takes an HF directory (the run's own fp32 export scores what the run scores; its JSON goes to
+  the working directory, since a model cache may be read-only) and RUN@STEP (the same as --step)."""
+  from maxlm import convert  # pylint: disable=import-outside-toplevel
+  from maxlm.errors import CheckpointError, DataError  # pylint: disable=import-outside-toplevel
+  root, _, _ = run
+  hf_dir = tmp_path / "exported"
+  convert.to_hf(str(root), str(hf_dir), dtype="float32", log=lambda *a: None)
+  data = os.path.join(DATA, "pcfg_docs.jsonl")
+  want = evaluate.evaluate(str(root), data, batch_size=3, output=str(tmp_path / "run.json"))
+  monkeypatch.chdir(tmp_path)
+  got = evaluate.evaluate(str(hf_dir), data, batch_size=3, seq_len=16, log=lambda *a: None)  # the run's windows
+  assert got["output"] == str(tmp_path / "loss_exported_pcfg_docs.json") and got["step"] is None
+  for domain, r in want["domains"].items():
+    assert got["domains"][domain]["tokens"] == r["tokens"]
+    np.testing.assert_allclose(got["domains"][domain]["loss"], r["loss"], rtol=1e-6)
+  at_step = evaluate.evaluate(f"{root}@0", data, batch_size=3, output=str(tmp_path / "at.json"))
+  assert at_step["step"] == 0 and at_step["domains"] == want["domains"]
+  with pytest.raises(DataError, match="Hugging Face directory, which has no run data: pass --data"):
+    evaluate.evaluate(str(hf_dir), None)
+  with pytest.raises(CheckpointError, match="name different steps"):
+    evaluate.evaluate(f"{root}@0", data, step=3)
+  with pytest.raises(CheckpointError, match="no steps"):
+    evaluate.evaluate(f"{hf_dir}@3", data)
