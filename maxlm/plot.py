@@ -47,6 +47,14 @@ def true_entropy(run_dir: str) -> Optional[float]:
   return grammar_entropy(data.get("grammar", "builtin:demo")).entropy_per_token
 
 
+def png_path(output: str) -> str:
+  """The file a plot goes to: OUTPUT itself, OUTPUT/curves.png for an existing directory, OUTPUT.png when it has
+  no extension (what matplotlib would write anyway, named so that the message says the truth)."""
+  if os.path.isdir(output):
+    return os.path.join(output, "curves.png")
+  return output if os.path.splitext(output)[1] else output + ".png"
+
+
 def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS, x: str = "step",
               labels: Optional[list[str]] = None, title: str = "") -> dict:
   """Draws one panel per metric, one curve per run; returns {metric: {label: (xs, ys)}, "floor": value|None}."""
@@ -83,6 +91,7 @@ def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DE
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  output = png_path(output)
   os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
   fig.savefig(output, dpi=110)
   plt.close(fig)
@@ -97,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   p.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis: optimizer steps or tokens seen")
   p.add_argument("--labels", default="", help="comma-separated curve labels (default: the run directory names)")
   p.add_argument("--title", default="", help="figure title")
-  p.add_argument("--output", required=True, help="PNG file to write")
+  p.add_argument("--output", required=True, help="PNG file to write (a directory: DIR/curves.png)")
   args = p.parse_args(argv)
 
   def body():
@@ -106,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       raise DataError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
     plot_runs(args.runs, args.output, metrics=tuple(m for m in args.metrics.split(",") if m), x=args.x,
               labels=labels, title=args.title)
-    print(f"wrote {args.output}")
+    print(f"wrote {png_path(args.output)}")
 
   return cli_exit_code(body)
 

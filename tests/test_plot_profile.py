@@ -52,6 +52,12 @@ def test_plot_cli_and_its_errors(runs, tmp_path, capsys):
   assert plot.main([runs[0], "--metrics", "no_such_metric", "--output", str(out)]) == 2
   assert "none of the runs logged no_such_metric" in capsys.readouterr().err
   assert plot.main([str(tmp_path / "missing"), "--output", str(out)]) == 2
+  # The message names the file written: a directory gets curves.png, a name without an extension gets .png.
+  capsys.readouterr()
+  assert plot.main([runs[0], "--output", str(tmp_path)]) == 0
+  assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}" and (tmp_path / "curves.png").is_file()
+  assert plot.main([runs[0], "--output", str(tmp_path / "bare")]) == 0
+  assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'bare.png'}" and (tmp_path / "bare.png").is_file()
 
 
 def test_profile_steps_write_a_trace(tmp_path):
