@@ -85,17 +85,23 @@ def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, co
           "token_weighted": {"loss": weighted, "perplexity": math.exp(min(weighted, 700.0))}}
 
 
-def load_one(checkpoint_path: str, step: Optional[int] = None):
-  """The maxlm.pretrained.Pretrained of one checkpoint: a run directory (its newest step, or `step`), RUN@STEP, or
-  a Hugging Face directory."""
+def one_checkpoint(checkpoint_path: str, step: Optional[int] = None) -> tuple[str, Optional[int]]:
+  """(path, step or None) of the one checkpoint a spec (RUN, RUN@STEP, HF directory) and an optional --step name."""
   path, named = pretrained.split_spec(checkpoint_path)
   if named == "all":
     raise CheckpointError(f"{checkpoint_path}: evaluation takes one checkpoint; name a step (RUN@STEP) or none")
-  if named is not None and step is not None and int(named) != step:
-    raise CheckpointError(f"{checkpoint_path} and --step {step} name different steps; give one of them")
-  if step is not None and named is None:
-    checkpoint_path = f"{path}@{step}"
-  return pretrained.load(checkpoint_path)
+  if named is not None:
+    if step is not None and int(named) != step:
+      raise CheckpointError(f"{checkpoint_path} and --step {step} name different steps; give one of them")
+    step = int(named)
+  return path, step
+
+
+def load_one(checkpoint_path: str, step: Optional[int] = None):
+  """The maxlm.pretrained.Pretrained of one checkpoint: a run directory (its newest step, or `step`), RUN@STEP, or
+  a Hugging Face directory."""
+  path, step = one_checkpoint(checkpoint_path, step)
+  return pretrained.load(path if step is None else f"{path}@{step}")
 
 
 def default_output(checkpoint_path: str, step: Optional[int], what: str, tag: str) -> str:
@@ -201,20 +207,16 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
   except ImportError:
     raise MaxlmError("lm-evaluation-harness is not installed: pip install 'maxlm[eval]'") from None
   from maxlm.data_pipelines.tokenization import tokenizer_file_in  # pylint: disable=import-outside-toplevel
-  path, named = pretrained.split_spec(checkpoint_path)
+  path, step = one_checkpoint(checkpoint_path, step)
   if pretrained.is_hf_dir(os.path.expanduser(path)):  # already what lm-eval's hf model reads
-    if named is not None or step is not None:
+    if step is not None:
       raise CheckpointError(f"{checkpoint_path}: a Hugging Face directory has no steps; drop the step")
-    hf_dir, step = os.path.abspath(os.path.expanduser(path)), None
+    hf_dir = os.path.abspath(os.path.expanduser(path))
     if not tokenizer_file_in(hf_dir):
       raise MaxlmError(f"{hf_dir} has no tokenizer.json or tokenizer.model, which the harness needs to tokenize "
                        "its tasks; save the model's tokenizer into it (tokenizer.save_pretrained)")
   else:
-    if named is not None:
-      if step is not None and int(named) != step:
-        raise CheckpointError(f"{checkpoint_path} and --step {step} name different steps; give one of them")
-      checkpoint_path, step = path, int(named)
-    hf_dir = export_cached(checkpoint_path, step, dtype=dtype, log=log)
+    hf_dir = export_cached(path, step, dtype=dtype, log=log)
     with open(os.path.join(hf_dir, "maxlm_export.json")) as f:
       step = json.load(f)["step"]
     if not tokenizer_file_in(hf_dir):
@@ -229,7 +231,7 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
                                     limit=limit, task_manager=manager, log_samples=False)
   if results is None:  # non-primary ranks of a distributed harness run
     return {}
-  summary = {"checkpoint": os.path.abspath(checkpoint_path), "step": step, "hf_dir": hf_dir, "tasks": tasks,
+  summary = {"checkpoint": os.path.abspath(path), "step": step, "hf_dir": hf_dir, "tasks": tasks,
              "num_fewshot": num_fewshot, "limit": limit, "results": results.get("results", {}),
              "versions": results.get("versions", {}), "n-samples": results.get("n-samples", {}),
              "config": results.get("config", {})}
