@@ -67,7 +67,9 @@ def emo_cost_embedding(cfg: Config) -> list[FrozenEntry]:
 
 def cost_embedding_file_shape(path: str, vocab: int) -> tuple[int, int]:
   if not os.path.exists(path):
-    raise ConfigError(f"loss.cost_embedding_file = {path!r} does not exist; point it at a (vocab, dim) .npy array")
+    where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+    raise ConfigError(f"loss.cost_embedding_file = {path!r} does not exist{where}; point it at a (vocab, dim) .npy "
+                      "array")
   shape = np.load(path, mmap_mode="r").shape
   if len(shape) != 2 or shape[0] != vocab:
     raise ConfigError(f"cost embedding {path} has shape {shape}; it must be (model.vocab_size = "

@@ -481,8 +481,10 @@ def test_malformed_fictional_knowledge_files(tmp_path):
   (tmp_path / "notjson.json").write_text("{")
   with pytest.raises(DataError, match="not valid JSON"):
     ki.load_items(str(tmp_path / "notjson.json"))
-  with pytest.raises(ConfigError, match="does not exist"):
+  with pytest.raises(ConfigError, match="does not exist; point it at"):
     ki.load_items(str(tmp_path / "missing.json"))
+  with pytest.raises(ConfigError, match=r"does not exist \(relative to the working directory .*\)"):
+    ki.load_items("no/such/relative.json")  # a preset's relative path read from another directory
   cfg = load_config("demo", TINY + ["inject.interval=2"])
   with pytest.raises(ConfigError, match="neither inject.paraphrase_file nor inject.once_file"):
     ki.load_groups(cfg)
