@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from maxlm.errors import ConfigError, DataError
+from maxlm.errors import ConfigError, DataError, resolved_from
 
 GROUPS = 10  # KE's schedule cycles through 10 injection groups (train_context + 9 paraphrases)
 PROBE_FIELDS = {"memorization": ("mem_input", "mem_target"), "semantic": ("gen_input", "gen_target"),
@@ -56,8 +56,7 @@ def load_items(path: str, *, key: str = "inject.paraphrase_file", paraphrases_ne
   """The items of a fictional-knowledge JSON file (a list of objects with train_context, paraphrases, mem_input /
   mem_target, gen_input / gen_target, hard_gen_input / hard_gen_target); a DataError names a bad item's fault."""
   if not os.path.isfile(path):
-    where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
-    raise ConfigError(f"{key} = {path!r} does not exist{where}; point it at a fictional-knowledge JSON list")
+    raise ConfigError(f"{key} = {path!r} does not exist{resolved_from(path)}; point it at a fictional-knowledge JSON list")
   try:
     with open(path) as f:
       items = json.load(f)

@@ -123,10 +123,9 @@ BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 def run_tokenizer(data_cfg) -> tuple[str | None, object]:
   """The tokenizer a run's data section implies: ('file', path) | ('pcfg', Grammar) | (None, why not)."""
   if data_cfg.tokenizer:
-    path = resolve_tokenizer_path(data_cfg.tokenizer)
-    if not os.path.isfile(path):
+    if not os.path.isfile(data_cfg.tokenizer):  # config.finalize already took a directory's tokenizer file
       return None, f"data.tokenizer {data_cfg.tokenizer} does not exist here (or holds no tokenizer.json/.model)"
-    return "file", path
+    return "file", data_cfg.tokenizer
   if data_cfg.source in ("store", "replay") and data_cfg.path:
     try:
       from maxlm.data_pipelines.token_store import TokenStore  # pylint: disable=import-outside-toplevel

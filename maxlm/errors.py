@@ -4,6 +4,7 @@ CLIs run their body through `cli_exit_code`: a MaxlmError prints its message wit
 """
 
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -34,6 +35,11 @@ class ConversionError(MaxlmError):
 
 class TrainingDivergedError(MaxlmError):
   """The loss or gradient became NaN/Inf."""
+
+
+def resolved_from(path: str) -> str:
+  """For a message about a missing path: where a relative one was looked for (empty for an absolute path)."""
+  return "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
 
 
 def _close_progress_bars() -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from maxlm import model as model_lib
 from maxlm.config import Config
-from maxlm.errors import ConfigError
+from maxlm.errors import ConfigError, resolved_from
 
 # Top-level train-state names that are not frozen entries.
 TRAINED_KEYS = ("params", "opt_state", "step")
@@ -67,9 +67,8 @@ def emo_cost_embedding(cfg: Config) -> list[FrozenEntry]:
 
 def cost_embedding_file_shape(path: str, vocab: int) -> tuple[int, int]:
   if not os.path.exists(path):
-    where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
-    raise ConfigError(f"loss.cost_embedding_file = {path!r} does not exist{where}; point it at a (vocab, dim) .npy "
-                      "array")
+    raise ConfigError(f"loss.cost_embedding_file = {path!r} does not exist{resolved_from(path)}; point it at a "
+                      "(vocab, dim) .npy array")
   shape = np.load(path, mmap_mode="r").shape
   if len(shape) != 2 or shape[0] != vocab:
     raise ConfigError(f"cost embedding {path} has shape {shape}; it must be (model.vocab_size = "
