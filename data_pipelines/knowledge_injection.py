@@ -56,7 +56,8 @@ def load_items(path: str, *, key: str = "inject.paraphrase_file", paraphrases_ne
   """The items of a fictional-knowledge JSON file (a list of objects with train_context, paraphrases, mem_input /
   mem_target, gen_input / gen_target, hard_gen_input / hard_gen_target); a DataError names a bad item's fault."""
   if not os.path.isfile(path):
-    raise ConfigError(f"{key} = {path!r} does not exist{resolved_from(path)}; point it at a fictional-knowledge JSON list")
+    raise ConfigError(f"{key} = {path!r} does not exist{resolved_from(path)}; point it at a fictional-knowledge "
+                      "JSON list")
   try:
     with open(path) as f:
       items = json.load(f)
