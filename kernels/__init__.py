@@ -4,6 +4,10 @@ Owns `fused_loss` (the trainer's entry), its implementations (blockwise JAX, Pal
 plans per platform (tiling), and `attention` (XLA, cuDNN, splash on TPU).
 """
 
-from maxlm.kernels.fused_loss import IMPLS, PALLAS_AUTO_PLATFORMS, fused_loss, resolve_impl
+if __name__ != "maxlm.kernels":  # a bare `import kernels` from the checkout's root
+  import maxlm
+  maxlm.step_aside(__name__)
+else:
+  from maxlm.kernels.fused_loss import IMPLS, PALLAS_AUTO_PLATFORMS, fused_loss, resolve_impl
 
 __all__ = ["IMPLS", "PALLAS_AUTO_PLATFORMS", "fused_loss", "resolve_impl"]

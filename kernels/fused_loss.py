@@ -72,7 +72,8 @@ def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "a
   Equals maxlm.losses.compute(objective, hidden @ lm_head, labels, cost_embedding=..., **kwargs),
   with gradients for hidden and lm_head in their dtypes (cost_embedding is always stop-gradient).
   impl: "reference" (materialised fp32 logits), "blockwise" (pure JAX, any backend), "pallas"
-  (GPU/TPU kernels; on CPU only with interpret="gpu" or "tpu", for tests), "auto" (pallas on the
+  (GPU/TPU kernels; on CPU only in interpret mode, for tests: interpret=True emulates the GPU kernel there,
+  "gpu" / "tpu" name the kernel), "auto" (pallas on the
   platforms in PALLAS_AUTO_PLATFORMS, blockwise elsewhere). Blockwise tiles follow the tile plan of the mesh's
   platform (kernels/tiling.py: cpu 1024 x 512 vocabulary-major; gpu/tpu 2048-4096 tokens x the whole local
   vocabulary, token-major); tile_plan="cpu"|"gpu"|"tpu" picks another platform's plan, and
@@ -92,10 +93,12 @@ def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "a
       raise ConfigError("fused_loss objective 'emo' needs cost_embedding (V, dE): set the cost embedding source")
   else:
     cost_embedding = None  # as maxlm.losses.compute: only emo reads it
+  hidden, lm_head, labels = jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(labels)
   if hidden.ndim != 2 or lm_head.ndim != 2 or hidden.shape[1] != lm_head.shape[0]:
     raise ConfigError(f"fused_loss needs hidden (N, d) and lm_head (d, V); got {hidden.shape} and {lm_head.shape}")
   if labels.shape != hidden.shape[:1]:
     raise ConfigError(f"fused_loss labels must be (N,) = {hidden.shape[:1]}, got {labels.shape}")
+  losses.check_labels(labels, lm_head.shape[1], ignore_index)
   if cost_embedding is not None and (cost_embedding.ndim != 2 or cost_embedding.shape[0] != lm_head.shape[1]):
     raise ConfigError(
       f"cost_embedding must be (V={lm_head.shape[1]}, dE), got {cost_embedding.shape}:"

@@ -127,7 +127,8 @@ def make_stats(backend_impl: Backend):
 
 
 def stats_fn(platform: str, *, block_tokens=None, block_vocab=None, interpret=None):
-  """token_stats through the Pallas kernel for `platform`, or the one `interpret` ("gpu"/"tpu") emulates.
+  """token_stats through the Pallas kernel for `platform`, or the one `interpret` emulates ("gpu"/"tpu"; True: the
+  platform's own kernel, the GPU one on a CPU).
 
   Raises ConfigError where no kernel exists: Pallas never falls back to another implementation.
   """
@@ -136,16 +137,17 @@ def stats_fn(platform: str, *, block_tokens=None, block_vocab=None, interpret=No
     if platform not in ("gpu", "tpu"):
       raise ConfigError(
         f"fused_loss impl='pallas' has kernels for gpu and tpu, not {platform!r}: use impl='blockwise' (or 'auto'),"
-        " or interpret='gpu'/'tpu' to emulate a kernel (slow; for tests)")
+        " or interpret=True (or 'gpu'/'tpu') to emulate a kernel (slow; for tests)")
     kernel, interpret_arg = platform, False
-  elif interpret in ("gpu", "tpu"):
-    kernel = interpret
+  elif interpret is True or interpret in ("gpu", "tpu"):
+    # True emulates the kernel of the platform it runs on; on the CPU, the GPU kernel (the lighter interpreter).
+    kernel = interpret if interpret is not True else ("tpu" if platform == "tpu" else "gpu")
     interpret_arg = True
     if kernel == "tpu":
       from jax.experimental.pallas import tpu as pltpu
       interpret_arg = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
   else:
-    raise ConfigError(f"fused_loss interpret must be None, 'gpu' or 'tpu', got {interpret!r}")
+    raise ConfigError(f"fused_loss interpret must be None, False, True, 'gpu' or 'tpu', got {interpret!r}")
   if kernel == "gpu":
     from maxlm.kernels import pallas_gpu as module
   else:

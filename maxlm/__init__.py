@@ -4,6 +4,7 @@ Owns the public entry points; heavy submodules are imported lazily by their user
 """
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -30,3 +31,17 @@ class _CheckoutFinder(importlib.abc.MetaPathFinder):
 if os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml")) and not any(
     isinstance(f, _CheckoutFinder) for f in sys.meta_path):
   sys.meta_path.append(_CheckoutFinder())
+
+
+def step_aside(name: str) -> None:
+  """Called by kernels/, data_pipelines/ and configs/ when Python imports them under their bare folder name (the
+  checkout's root is on sys.path, as with `python -m` run from it): another installed package of that name (Hugging
+  Face's `kernels`, which transformers and peft import) takes its place in sys.modules; without one, the import
+  fails as if the folder were not there."""
+  path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _CHECKOUT]
+  spec = importlib.machinery.PathFinder.find_spec(name, path)
+  if spec is None:
+    raise ModuleNotFoundError(f"No module named {name!r} (this checkout's {name}/ folder is maxlm.{name})", name=name)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # the import statement returns what sys.modules holds once this module's body ends
+  spec.loader.exec_module(module)

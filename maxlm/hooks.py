@@ -173,7 +173,9 @@ class EvalHook(Hook):
 
 class CheckpointHook(Hook):
   """Saves every `checkpoint.every` steps and at the end. Before each save the pending metrics are read (a
-  diverged step stops the run first) and the state is checked finite: a checkpoint never holds NaN or Inf."""
+  diverged step stops the run first) and the state is checked finite: a checkpoint never holds NaN or Inf; the
+  trackers are flushed, so the metrics of every step up to a checkpoint are on disk with it. It runs after the other
+  hooks of a step (train.py's order), so what they log at that step is among them."""
 
   def __init__(self, cfg, metrics: MetricsHook, state_check, sources: Optional[dict] = None):
     self.cfg, self.metrics, self.state_check, self.sources = cfg, metrics, state_check, sources
@@ -192,6 +194,7 @@ class CheckpointHook(Hook):
         raise TrainingDivergedError(message)
       warnings.warn(message)
       return
+    run.logger.flush()  # the metrics up to this step reach disk before the checkpoint a resume starts from
     run.checkpointer.save(run.step, run.state, data_state=run.data_it.get_state(), config=run.cfg, force=force,
                           sources=self.sources)
     self.last_saved = run.step

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maxlm.errors import ConfigError
 
@@ -59,18 +60,24 @@ def token_stats(logits, labels, *, cost_embedding=None, ignore_index=-100, entro
   """Per-token statistics of logits (..., V) against labels (...), all fp32 of shape (...).
 
   "ce": logsumexp(z) - z_y, 0 where ignored. "entropy": -sum p log p (natural log) at EVERY
-  position, ignored ones included (reference MiLe averages its weights over all positions); with
-  entropy_floor > 0 it is taken from softmax clamped to [entropy_floor, 1], not renormalised.
+  position, ignored ones included (reference MiLe averages its weights over all positions).
+  "entropy_floored" (only with entropy_floor > 0): the same from the softmax clamped to [entropy_floor, 1], not
+  renormalised, as MiLe's reference code takes it; it replaces "entropy" in the MiLe weight only, so the logged
+  entropy is the same H whatever the objective and implementation.
+  Concrete labels (not traced) must be ignore_index or in [0, V): torch raises on others, jnp would wrap or NaN.
   "p_y": exp(-ce), so 1 where ignored. "mask": 1.0 where labels != ignore_index.
   "emo" (only with cost_embedding (V, dE)): 1 - sum_v p_v s_v with s_v = e_v . e_y and e the rows of
   sg(cost_embedding) L2-normalised; 0 where ignored.
   """
   logits_NxV = jnp.asarray(logits).astype(jnp.float32)
   labels = jnp.asarray(labels)
+  if logits_NxV.ndim == 0:
+    raise ConfigError("logits must have a vocabulary axis (..., V), got a scalar")
   vocab = logits_NxV.shape[-1]
   if labels.shape != logits_NxV.shape[:-1]:
     raise ConfigError(
       f"labels shape {labels.shape} must be logits shape {logits_NxV.shape} without the vocab axis")
+  check_labels(labels, vocab, ignore_index)
   valid = labels != ignore_index
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
 
@@ -79,17 +86,15 @@ def token_stats(logits, labels, *, cost_embedding=None, ignore_index=-100, entro
   p_NxV = jnp.exp(logp_NxV)
   logp_y = jnp.take_along_axis(logp_NxV, safe_labels[..., None], axis=-1)[..., 0]
   ce = jnp.where(valid, -logp_y, 0.0)
-  if entropy_floor > 0.0:
-    floor = jnp.float32(entropy_floor)
-    plogp_NxV = jnp.where(p_NxV < floor, floor * jnp.log(floor), p_NxV * logp_NxV)
-  else:
-    plogp_NxV = p_NxV * logp_NxV
   stats = {
     "ce": ce,
-    "entropy": -jnp.sum(plogp_NxV, axis=-1),
+    "entropy": -jnp.sum(p_NxV * logp_NxV, axis=-1),
     "p_y": jnp.exp(-ce),
     "mask": valid.astype(jnp.float32),
   }
+  if entropy_floor > 0.0:
+    floor = jnp.float32(entropy_floor)
+    stats["entropy_floored"] = -jnp.sum(jnp.where(p_NxV < floor, floor * jnp.log(floor), p_NxV * logp_NxV), axis=-1)
   if cost_embedding is not None:
     emb_VxE = jax.lax.stop_gradient(jnp.asarray(cost_embedding).astype(jnp.float32))
     if emb_VxE.ndim != 2 or emb_VxE.shape[0] != vocab:
@@ -104,6 +109,22 @@ def token_stats(logits, labels, *, cost_embedding=None, ignore_index=-100, entro
     e_y_NxE = emb_VxE[safe_labels]
     stats["emo"] = jnp.where(valid, 1.0 - jnp.sum(p_bar_NxE * e_y_NxE, axis=-1), 0.0)
   return stats
+
+
+def check_labels(labels, vocab: int, ignore_index: int) -> None:
+  """ConfigError for integer labels outside [0, vocab) that are not ignore_index, or non-integer labels. A no-op on
+  traced labels (inside jit the check would cost a host sync: the data pipeline checks its ids instead) and on
+  arrays spread over other processes."""
+  if isinstance(labels, jax.core.Tracer) or not getattr(labels, "is_fully_addressable", True):
+    return
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ConfigError(f"labels must be integer token ids, got dtype {labels.dtype}")
+  bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
+  if bad.size:
+    raise ConfigError(f"{bad.size} label(s) outside the vocabulary [0, {vocab}) and not ignore_index={ignore_index} "
+                      f"(e.g. {int(bad[0])}): the labels come from another tokenizer, or the padding id should be "
+                      "ignore_index")
 
 
 def split_objective_kwargs(objective: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -240,7 +261,9 @@ def _ce(objective, t: _Tokens, stats, opts):
 def _weighted_ce(objective, t: _Tokens, stats, opts):
   """MiLe ((1 + H)^gamma) and focal ((1 - p_y)^gamma) weights, normalised to mean 1 (alpha)."""
   if objective == "mile":
-    w = (1.0 + t.entropy) ** opts["gamma"]
+    # Reference mode: H of the clamped softmax (token_stats' "entropy_floored") where the caller computed it.
+    entropy = jax.lax.stop_gradient(stats["entropy_floored"]) if "entropy_floored" in stats else t.entropy
+    w = (1.0 + entropy) ** opts["gamma"]
   else:
     # 1 - p_y >= 0 in exact arithmetic; the max keeps a fractional gamma off negative rounding.
     w = jnp.maximum(1.0 - t.p_y, 0.0) ** opts["gamma"]

@@ -21,10 +21,12 @@ _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class Tracker(Protocol):
-  """Where metrics go. `resume_at(step)`: records after `step` came from a run that crashed; forget them."""
+  """Where metrics go. `resume_at(step)`: records after `step` came from a run that crashed; forget them.
+  `flush()`: everything logged so far is on disk (called before every checkpoint, so a resume loses nothing)."""
 
   def log(self, step: int, metrics: dict[str, float]) -> None: ...
   def resume_at(self, step: int) -> None: ...
+  def flush(self) -> None: ...
   def close(self) -> None: ...
 
 
@@ -67,14 +69,21 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 class JsonlTracker:
-  """Appends `{"step": S, **metrics}` lines, flushed as written. Non-finite floats are the strings "NaN",
-  "Infinity", "-Infinity" so every line stays strict JSON (jq, pandas); `read_metrics` turns them back."""
+  """One line `{"step": S, **metrics}` per logged step, flushed as written: what is logged at the step of the last
+  line (validation after the training metrics, probes) is merged into that line, so a reader keying records by step
+  loses nothing. Non-finite floats are the strings "NaN", "Infinity", "-Infinity" so every line stays strict JSON
+  (jq, pandas); `read_metrics` turns them back."""
 
   def __init__(self, run_dir: str):
     os.makedirs(run_dir, exist_ok=True)
     self.path = os.path.join(run_dir, METRICS_FILE)
     self._drop_torn_tail()
-    self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+    self._open()
+
+  def _open(self) -> None:
+    self._file = open(self.path, "ab")
+    self._last: Optional[dict] = None  # the record of the file's last line while this process wrote it
+    self._last_offset = 0
 
   def _drop_torn_tail(self) -> None:
     if not os.path.exists(self.path):
@@ -85,8 +94,14 @@ class JsonlTracker:
         f.truncate(data.rfind(b"\n") + 1)
 
   def log(self, step: int, metrics: dict[str, float]) -> None:
-    record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record, allow_nan=False) + "\n")
+    values = {k: _jsonable(v) for k, v in metrics.items()}
+    if self._last is not None and self._last["step"] == int(step):
+      self._last.update(values)
+      self._file.truncate(self._last_offset)  # append mode: the rewritten line goes where the old one began
+    else:
+      self._last = {"step": int(step), **values}
+      self._last_offset = self._file.tell()
+    self._file.write((json.dumps(self._last, allow_nan=False) + "\n").encode("utf-8"))
     self._file.flush()
 
   def resume_at(self, step: int) -> None:
@@ -96,7 +111,10 @@ class JsonlTracker:
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(kept)
     os.replace(tmp, self.path)
-    self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+    self._open()
+
+  def flush(self) -> None:
+    pass  # every line is flushed as it is written
 
   def close(self) -> None:
     if not self._file.closed:
@@ -132,6 +150,11 @@ class TensorBoardTracker:
       self._writer.close()
     self._open(purge_step=int(step) + 1)
 
+  def flush(self) -> None:
+    # SummaryWriter.flush() flushes the file but not the events its writer thread has not dequeued yet; close()
+    # drains the queue. The next log opens a new event file, which TensorBoard reads after this one.
+    self.close()
+
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
@@ -166,6 +189,9 @@ class WandbTracker:
   def resume_at(self, step: int) -> None:
     pass  # W&B ignores steps at or below the ones it has; later steps overwrite nothing
 
+  def flush(self) -> None:
+    pass  # wandb's service process holds the run; finish() at close() completes it
+
   def close(self) -> None:
     import wandb  # pylint: disable=import-outside-toplevel
     self._run.finish()
@@ -199,6 +225,10 @@ class MetricsLogger:
       raise ValueError("'step' is the record key, not a metric name")
     for tracker in self.trackers:
       tracker.log(step, metrics)
+
+  def flush(self) -> None:
+    for tracker in self.trackers:
+      tracker.flush()
 
   def truncate_after(self, step: int) -> None:
     for tracker in self.trackers:

@@ -111,14 +111,14 @@ def _hooks(cfg: Config, lay, run: hooks_lib.Run, batch_shardings, verbose: bool)
         num_batches=cfg.run.eval_batches, process_index=jax.process_index(), process_count=jax.process_count())
     if batches:
       out.append(hooks_lib.EvalHook(cfg, step_lib.make_eval_step(lay, batch_shardings), batches, batch_shardings))
-  if run.checkpointer is not None:
-    sources = {n: cfg.checkpoint.init_from for n, e in lay.frozen.items() if not e.saved}
-    out.append(hooks_lib.CheckpointHook(cfg, metrics, step_lib.make_state_check(lay), sources))
   if cfg.run.profile_steps:
     out.append(hooks_lib.ProfilerHook(cfg, *profile_range(cfg.run.profile_steps)))
   from maxlm import probes  # pylint: disable=import-outside-toplevel
   if probes.wanted(cfg):
     out.append(probes.ProbeHook(cfg, lay))
+  if run.checkpointer is not None:  # last: a save at step S comes after everything the step logs
+    sources = {n: cfg.checkpoint.init_from for n, e in lay.frozen.items() if not e.saved}
+    out.append(hooks_lib.CheckpointHook(cfg, metrics, step_lib.make_state_check(lay), sources))
   return out
 
 

@@ -126,3 +126,23 @@ def test_a_mesh_axis_used_twice_is_a_contract_violation():
   assert sharding.logical_to_spec(("vocab", "embed")) == sharding.P("tensor", "fsdp")
   with pytest.raises(ValueError, match="mesh axis 'tensor' would shard both 'vocab' and 'mlp'"):
     sharding.logical_to_spec(("vocab", "mlp"))
+
+
+def test_the_checkout_root_does_not_shadow_installed_packages_of_the_same_name():
+  """`python -m ...` from the repository root puts it on sys.path, where kernels/ would hide Hugging Face's
+  `kernels` (transformers and peft import it): the bare names resolve elsewhere, the maxlm.* names stay maxlm's."""
+  import os  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import importlib, sys\n"
+          "for name in ('kernels', 'data_pipelines', 'configs'):\n"
+          "  try:\n"
+          "    module = importlib.import_module(name)\n"
+          "  except ModuleNotFoundError:\n"
+          "    continue\n"
+          "  assert not module.__file__.startswith(sys.argv[1]), module.__file__\n"
+          "import maxlm.kernels, maxlm.data_pipelines, maxlm.configs\n"
+          "assert maxlm.kernels.fused_loss and maxlm.data_pipelines.prepare\n"
+          "print('ok')")
+  out = subprocess.run([sys.executable, "-c", code, os.path.join(root, "")], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -215,6 +215,40 @@ def test_pallas_interpret_matches_reference(kernel, objective, kwargs):
   assert_close(got, reference(objective, kwargs, *inputs), 1e-5, f"pallas-{kernel}")
 
 
+def test_interpret_true_emulates_this_platforms_kernel():
+  """DESIGN's `interpret=True` on the CPU: the GPU kernel in interpret mode, equal to interpret="gpu"."""
+  inputs = make_inputs()
+  got = fused("pallas", "mile", {}, *inputs, interpret=True)
+  assert_close(got, fused("pallas", "mile", {}, *inputs, interpret="gpu"), 1e-7, "interpret=True")
+  assert_close(got, reference("mile", {}, *inputs), 1e-5, "interpret=True")
+
+
+def test_labels_outside_the_vocabulary_are_refused():
+  """torch's cross_entropy raises on such a label; a gather in jnp would wrap (-5 -> V-5) or give NaN."""
+  hidden_NxD, w_DxV, labels_N, _ = make_inputs()
+  for bad in (V, -5, -1):
+    labels = labels_N.at[3].set(bad)
+    for call in (lambda: fused_loss(hidden_NxD, w_DxV, labels, impl="blockwise"),
+                 lambda: losses.cross_entropy(hidden_NxD @ w_DxV, labels)):
+      with pytest.raises(ConfigError, match=f"outside the vocabulary.*{bad}"):
+        call()
+  with pytest.raises(ConfigError, match="integer"):
+    fused_loss(hidden_NxD, w_DxV, labels_N.astype(jnp.float32))
+  # Labels given as a list work; another ignore_index makes -1 a valid "ignored" label.
+  loss, _ = fused_loss(hidden_NxD, w_DxV, np.asarray(labels_N).tolist(), impl="blockwise")
+  np.testing.assert_allclose(float(loss), float(losses.cross_entropy(hidden_NxD @ w_DxV, labels_N)[0]), rtol=1e-6)
+  fused_loss(hidden_NxD, w_DxV, jnp.where(labels_N == -100, -1, labels_N), ignore_index=-1)
+
+
+def test_logged_entropy_is_h_whatever_the_objective_and_impl():
+  """MiLe's reference mode floors the softmax for its weight only: the entropy metric stays H, as CE's run logs it."""
+  inputs = make_inputs(scale=4.0)
+  want = float(reference("ce", {}, *inputs)[0][1]["entropy"])
+  for impl in ("reference", "blockwise"):
+    (_, metrics), _ = fused(impl, "mile", {"reduction": "reference"}, *inputs)
+    np.testing.assert_allclose(float(metrics["entropy"]), want, rtol=1e-6, err_msg=impl)
+
+
 @pytest.mark.parametrize("kernel", ["gpu", "tpu"])
 def test_pallas_interpret_edge_cases(kernel):
   hidden_NxD, w_DxV, labels_N, cost_VxE = make_inputs(scale=3e3)

@@ -64,7 +64,9 @@ def np_loss(objective, z, y, emb=None, z_sg=None, **kw):
   b = np_parts(z_sg, y, emb, floor=floor)
   m, ce = a["mask"], a["ce"]
   n_valid = max(m.sum(), 1.0)
-  metrics = dict(ce=(m * ce).sum() / n_valid, entropy=(m * b["ent"]).sum() / n_valid, n_valid=m.sum())
+  # The logged entropy is H itself whatever the objective; the floored H enters MiLe's reference weight only.
+  exact = np_parts(z_sg, y)["ent"]
+  metrics = dict(ce=(m * ce).sum() / n_valid, entropy=(m * exact).sum() / n_valid, n_valid=m.sum())
   if objective == "ce":
     loss = (m * ce).sum() / n_valid
   elif objective == "mile" and kw.get("reduction") == "reference":

@@ -48,6 +48,33 @@ def test_metrics_jsonl_round_trip(tmp_path):
   assert records[1]["up"] == math.inf and records[1]["down"] == -math.inf
 
 
+def test_what_is_logged_at_one_step_is_one_record(tmp_path):
+  """Validation or probes logged at the step of the last line join that line (in either order), flushed at once."""
+  run = str(tmp_path / "run")
+  logger = MetricsLogger(run, tensorboard=False)
+  logger.log(1, {"loss": 1.0})
+  logger.log(2, {"eval/a": 3.0})
+  logger.log(2, {"loss": 2.0, "eval/a": 3.5})
+  assert read_metrics(run) == [{"step": 1, "loss": 1.0}, {"step": 2, "eval/a": 3.5, "loss": 2.0}]
+  logger.log(3, {"loss": 3.0})
+  logger.close()
+  logger = MetricsLogger(run, tensorboard=False)  # a resumed process starts a new line even at the same step
+  logger.truncate_after(3)
+  logger.log(4, {"loss": 4.0})
+  logger.log(4, {"probe/x": 0.5})
+  logger.close()
+  assert read_metrics(run)[2:] == [{"step": 3, "loss": 3.0}, {"step": 4, "loss": 4.0, "probe/x": 0.5}]
+
+
+def test_flush_puts_tensorboard_scalars_on_disk_before_close(tmp_path):
+  run = str(tmp_path / "run")
+  logger = MetricsLogger(run)
+  logger.log(1, {"loss": 0.25})
+  logger.flush()
+  assert [(e.step, e.value) for e in tensorboard_scalars(run).Scalars("loss")] == [(1, 0.25)]
+  logger.close()
+
+
 def test_resume_appends_and_truncate_after_drops_later_steps(tmp_path):
   run = str(tmp_path / "run")
   logger = MetricsLogger(run)

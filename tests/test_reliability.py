@@ -263,6 +263,35 @@ def test_a_rejected_run_does_not_touch_run_dir_config(tmp_path):
   assert (run_dir / "config.yaml").read_text() == saved
 
 
+def test_sigkill_then_resume_loses_no_logged_step_in_jsonl_or_tensorboard(tmp_path):
+  """A killed process flushed nothing on its way out: every step up to the checkpoint it resumes from must already
+  be on disk, in metrics.jsonl (one record per step, validation merged in) and in TensorBoard's event files."""
+  event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  run_dir = str(tmp_path / "r")
+  logging = ["run.tensorboard=true", "run.eval_batches=1", "run.eval_every=3", "checkpoint.every=3"]
+  proc = cli(f"run.dir={run_dir}", "train.steps=100000", *logging)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None and not os.path.isdir(os.path.join(run_dir, "checkpoints", "6")):
+    time.sleep(0.05)  # Orbax renames a finished save to its step number
+  wait_for_steps(run_dir, 7, proc)
+  proc.kill()
+  proc.communicate(timeout=60)
+  with checkpoint.open_checkpoints(run_dir) as ckpt:
+    saved = ckpt.steps()[-1]
+  assert saved >= 6
+  end = saved + 4
+  run(run_dir, end, *logging)
+  records = read_metrics(run_dir)
+  steps = [r["step"] for r in records]
+  assert steps == list(range(1, end + 1))  # one record per step, none lost, none twice
+  assert [r["step"] for r in records if "eval/uniform_avg" in r] == [s for s in steps if s % 3 == 0 or s == end]
+  acc = event_accumulator.EventAccumulator(os.path.join(run_dir, "tensorboard"))
+  acc.Reload()
+  for tag in ("loss", "eval/uniform_avg"):
+    logged = [(r["step"], np.float32(r[tag])) for r in records if tag in r]
+    assert [(e.step, np.float32(e.value)) for e in acc.Scalars(tag)] == logged, tag
+
+
 # ----------------------------------------------------------------------------- 10. Ctrl-C
 
 
