@@ -69,11 +69,7 @@ class SFTTokenizer:
     return default if found is None else int(found)
 
   def encode(self, texts: list[str], *, special: bool) -> list[list[int]]:
-    raw = self.text._load()  # pylint: disable=protected-access
-    if self.kind == "hf":
-      return [e.ids for e in raw.encode_batch_fast(texts, add_special_tokens=special)]
-    bos = special and self.config.get("add_bos_token", True) and raw.bos_id() >= 0
-    return [([raw.bos_id()] if bos else []) + ids for ids in raw.encode(texts)]
+    return self.text.encode_with_special_tokens(texts) if special else self.text.encode_batch(texts)
 
   def decode(self, ids) -> str:
     return self.text.decode(ids)

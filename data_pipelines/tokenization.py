@@ -31,6 +31,18 @@ def tokenizer_kind(path: str) -> str:
   return "hf" if head == b"{" else "sentencepiece"
 
 
+def tokenizer_vocab_size(path: str) -> int:
+  """How many ids a tokenizer file can produce (added tokens included); a DataError when it cannot be read."""
+  try:
+    if tokenizer_kind(path) == "hf":
+      import tokenizers  # pylint: disable=import-outside-toplevel
+      return tokenizers.Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+    return sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"cannot load tokenizer {path}: {e}") from None
+
+
 def tokenizer_file_in(directory: str) -> str | None:
   """A model directory's main tokenizer file (tokenizer.json, else SentencePiece's tokenizer.model), or None."""
   return next((os.path.join(directory, n) for n in ("tokenizer.json", "tokenizer.model")
@@ -44,7 +56,8 @@ def resolve_tokenizer_path(path: str) -> str:
 
 
 class TextTokenizer:
-  """Encodes documents without special tokens (the separator is appended by the caller) and decodes ids.
+  """Encodes documents without special tokens (the separator is appended by the caller) and decodes ids; knows which
+  special tokens transformers would add around a text (`special_tokens`), for tools that score or continue text.
 
   Picklable: the underlying tokenizer is loaded lazily in each process.
   """
@@ -59,6 +72,7 @@ class TextTokenizer:
     self.kind = tokenizer_kind(path)
     self.sha256 = file_sha256(path)
     self._tok = None
+    self._specials = None
     tok = self._load()
     if self.kind == "hf":
       self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -100,6 +114,31 @@ class TextTokenizer:
     if self.kind == "hf":
       return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
     return tok.encode(texts)
+
+  def special_tokens(self) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) a text that transformers' `tokenizer(text)` adds (transformers 5, measured): for a
+    tokenizer.json what its post-processor adds (LLaMA's: <s> before); for a SentencePiece model BOS / EOS when the
+    tokenizer_config.json beside it sets add_bos_token / add_eos_token (neither when it says nothing)."""
+    if self._specials is None:
+      tok = self._load()
+      if self.kind == "hf":
+        self._specials = ([], [])
+        for probe in ("a", "hello world", "0"):
+          encoding = tok.encode(probe, add_special_tokens=True)
+          text = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+          if text:
+            self._specials = (encoding.ids[:text[0]], encoding.ids[text[-1] + 1:])
+            break
+      else:
+        flags = tokenizer_config(self.path)
+        self._specials = ([tok.bos_id()] if flags.get("add_bos_token") is True and tok.bos_id() >= 0 else [],
+                          [tok.eos_id()] if flags.get("add_eos_token") is True and tok.eos_id() >= 0 else [])
+    return self._specials
+
+  def encode_with_special_tokens(self, texts: list[str]) -> list[list[int]]:
+    """What transformers' `tokenizer(text)["input_ids"]` gives: the text's ids inside `special_tokens()`."""
+    before, after = self.special_tokens()
+    return [before + ids + after for ids in self.encode_batch(texts)]
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
@@ -208,6 +247,23 @@ def _write_json(path: str, obj) -> None:
   import json  # pylint: disable=import-outside-toplevel
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
+
+
+def tokenizer_config(tokenizer_path: str) -> dict:
+  """The tokenizer_config.json beside a tokenizer file ({} when there is none or it is unreadable)."""
+  import json  # pylint: disable=import-outside-toplevel
+  try:
+    with open(os.path.join(os.path.dirname(tokenizer_path), "tokenizer_config.json")) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return config if isinstance(config, dict) else {}
+
+
+def run_special_tokens(data_cfg) -> tuple[list[int], list[int]]:
+  """`TextTokenizer.special_tokens()` of a run's tokenizer; none for the PCFG's word-level vocabulary."""
+  kind, what = run_tokenizer(data_cfg)
+  return TextTokenizer(what).special_tokens() if kind == "file" else ([], [])
 
 
 def named_special_token(tokenizer_path: str, key: str) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 from maxlm import checkpoint, hf_names
 from maxlm.config import Config, finalize, load_config
 from maxlm.data_pipelines.tokenization import carry_tokenizer, export_tokenizer, tokenizer_file_in
-from maxlm.errors import CheckpointError, ConversionError, cli_exit_code
+from maxlm.errors import CheckpointError, ConversionError, DataError, cli_exit_code
 from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -286,20 +286,38 @@ def tensor_source(checkpoint_path: str, step: Optional[int] = None):
   return lora.MergedTensors(source, tensor_source(base), adapters)
 
 
-def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtype: str = "bfloat16",
+def checkpoint_step(checkpoint_path: str, step: Optional[int]) -> tuple[str, Optional[int]]:
+  """(run directory, step) of `RUN` or `RUN@STEP` and an optional --step (the two must agree)."""
+  from maxlm.pretrained import split_spec  # pylint: disable=import-outside-toplevel
+  path, at = split_spec(checkpoint_path)
+  if at == "all":
+    raise ConversionError(f"--checkpoint {checkpoint_path!r}: export one step (RUN@STEP or --step), not @all")
+  if at is not None:
+    if step is not None and step != int(at):
+      raise ConversionError(f"--checkpoint {checkpoint_path!r} and --step {step} name different steps: give one")
+    step = int(at)
+  return path, step
+
+
+def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, adapter: bool = False,
           log=print) -> str:
-  """Exports a run's checkpoint (default: latest step) as an HF directory; returns its path. A LoRA run exports
-  merged; with `adapter`, as a PEFT adapter directory instead (maxlm.lora.export_peft).
+  """Exports a run's checkpoint (`RUN` for its latest step, `RUN@STEP`, or `step`) as an HF directory; returns its
+  path. dtype: of the written weights, default the checkpoint's parameter dtype (float32: transformers then gives
+  maxlm's logits exactly). A LoRA run exports merged; with `adapter`, as a PEFT adapter directory instead
+  (maxlm.lora.export_peft).
 
   --overwrite replaces only an earlier export (never a run, an import or foreign files: maxlm.outputs)."""
-  if dtype not in DTYPES:
+  if dtype is not None and dtype not in DTYPES:
     raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+  checkpoint_path, step = checkpoint_step(checkpoint_path, step)
   if adapter:
     from maxlm import lora  # pylint: disable=import-outside-toplevel
-    return lora.export_peft(checkpoint_path, output, step=step, dtype=dtype, overwrite=overwrite, log=log)
+    return lora.export_peft(checkpoint_path, output, step=step, dtype=dtype or "float32", overwrite=overwrite,
+                            log=log)
   source = tensor_source(checkpoint_path, step)
   cfg = source.config
+  dtype = dtype or cfg.model.param_dtype
   out_dtype = _np_dtype(dtype)
   problems = checkpoint.describe_mismatch(checkpoint.flat_tree(_expected_shapes(cfg)),
                                           checkpoint.flat_tree(source.shapes))
@@ -390,7 +408,24 @@ def read_hf(model_dir: str, *, config: Optional[str] = None, overrides: tuple[st
   main_file = tokenizer_file_in(model_dir)
   if main_file and not cfg.data.tokenizer:
     cfg.data.tokenizer = main_file
+  _check_tokenizer_fits(cfg, model_dir)
   return cfg, params, extras
+
+
+def _check_tokenizer_fits(cfg: Config, model_dir: str) -> None:
+  """A tokenizer with more entries than the model's embedding is not the model's: its high ids would index past
+  the table (transformers raises an IndexError on them; a jnp gather would silently read another row)."""
+  if not cfg.data.tokenizer or not os.path.isfile(cfg.data.tokenizer):
+    return
+  from maxlm.data_pipelines.tokenization import tokenizer_vocab_size  # pylint: disable=import-outside-toplevel
+  try:
+    size = tokenizer_vocab_size(cfg.data.tokenizer)
+  except DataError:
+    return  # a tokenizer file maxlm cannot read: text tools say so when they need it
+  if size > cfg.model.vocab_size:
+    raise ConversionError(f"{model_dir}: its tokenizer ({cfg.data.tokenizer}) has {size} tokens but config.json's "
+                          f"vocab_size is {cfg.model.vocab_size}: they do not belong together. Put the model's own "
+                          "tokenizer beside it, or name the right one with data.tokenizer=PATH")
 
 
 def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = (),
@@ -421,10 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("to-hf", help="maxlm checkpoint -> Hugging Face directory (config.json, safetensors, tokenizer)")
   p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/ (a training run, an import "
-                                                      "or a derived checkpoint)")
+                                                      "or a derived checkpoint), or RUN@STEP")
   p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the latest finalised)")
   p.add_argument("--output", required=True, help="new directory for the HF model (written atomically)")
-  p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the exported weights")
+  p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                 help="dtype of the exported weights (default: the checkpoint's parameter dtype, float32 for maxlm's "
+                      "presets, so transformers reproduces maxlm's logits; bfloat16 halves the files)")
   p.add_argument("--shard-size-mb", type=int, default=DEFAULT_SHARD_BYTES // 2 ** 20,
                  help="largest safetensors shard in MiB; export holds one shard in host memory at a time")
   p.add_argument("--overwrite", action="store_true",

@@ -258,8 +258,9 @@ def default_mesh(cfg: Config) -> jax.sharding.Mesh:
 # ----------------------------------------------------------------------------- text in, text out
 
 
-def read_prompts(path: str) -> list[str]:
-  """The prompts of a JSONL file: each line an object with a "prompt" (or "text") string; blank lines skipped."""
+def read_prompts(path: str) -> list:
+  """The prompts of a JSONL file: each line an object with a "prompt" (or "text") string, or "ids" (token ids used
+  as they are, for a model without a tokenizer); blank lines skipped."""
   if not os.path.isfile(path):
     raise DataError(f"--prompts {path!r} does not exist: pass a JSONL file, one {{\"prompt\": ...}} per line")
   prompts = []
@@ -272,33 +273,14 @@ def read_prompts(path: str) -> list[str]:
       except ValueError as e:
         raise DataError(f"{path}:{n} is not valid JSON ({e}): one object per line, e.g. {{\"prompt\": \"...\"}}") \
             from None
-      text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        raise DataError(f"{path}:{n} has no string \"prompt\" (or \"text\") field")
+      text = record.get("prompt", record.get("text", record.get("ids"))) if isinstance(record, dict) else None
+      ids = isinstance(text, list) and text and all(isinstance(i, int) and not isinstance(i, bool) for i in text)
+      if not isinstance(text, str) and not ids:
+        raise DataError(f"{path}:{n} has no string \"prompt\" (or \"text\") field and no \"ids\" list of token ids")
       prompts.append(text)
   if not prompts:
     raise DataError(f"{path} holds no prompts")
   return prompts
-
-
-def bos_prefix(cfg: Config) -> list[int]:
-  """[BOS] when the model's tokenizer asks for it (tokenizer_config.json: add_bos_token, as LLaMA's do), else []:
-  maxlm's encoder never adds special tokens itself."""
-  path = os.path.join(os.path.dirname(cfg.data.tokenizer or ""), "tokenizer_config.json")
-  if not cfg.data.tokenizer or not os.path.isfile(path) or not cfg.data.tokenizer.endswith(".json"):
-    return []
-  try:
-    with open(path) as f:
-      tok_cfg = json.load(f)
-  except (OSError, ValueError):
-    return []
-  bos = tok_cfg.get("bos_token")
-  bos = bos.get("content") if isinstance(bos, dict) else bos
-  if not tok_cfg.get("add_bos_token") or not isinstance(bos, str):
-    return []
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  bos_id = tokenizers.Tokenizer.from_file(cfg.data.tokenizer).token_to_id(bos)
-  return [] if bos_id is None else [bos_id]
 
 
 def completion_text(codec, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -343,28 +325,49 @@ def split_path(spec: str) -> str:
   return os.path.expanduser(pretrained.split_spec(spec)[0])
 
 
-def load_generator(checkpoint_path: str, *, mesh: Optional[jax.sharding.Mesh] = None, batch_size: int = 16):
-  """(Generator, text codec, the loaded maxlm.pretrained.Pretrained) of a run directory, RUN@STEP or HF directory."""
+def load_generator(checkpoint_path: str, *, mesh: Optional[jax.sharding.Mesh] = None, batch_size: int = 16,
+                   compute_dtype: Optional[str] = None, need_tokenizer: bool = True):
+  """(Generator, text codec or None, the loaded maxlm.pretrained.Pretrained) of a run directory, RUN@STEP or HF
+  directory; compute_dtype defaults to the checkpoint's (_compute_dtype)."""
   from maxlm import pretrained  # pylint: disable=import-outside-toplevel
   pre = pretrained.load(checkpoint_path)  # a LoRA checkpoint comes merged (base + scaled B A): a plain decoder
-  codec = pretrained.text_codec(pre.cfg)
-  gen = Generator(pre.cfg, pre.params, mesh=mesh or default_mesh(pre.cfg), compute_dtype=_compute_dtype(pre),
-                  batch_size=batch_size)
+  try:
+    codec = pretrained.text_codec(pre.cfg)
+  except DataError:
+    if need_tokenizer:
+      raise
+    codec = None
+  gen = Generator(pre.cfg, pre.params, mesh=mesh or default_mesh(pre.cfg),
+                  compute_dtype=compute_dtype or _compute_dtype(pre), batch_size=batch_size)
   return gen, codec, pre
 
 
-def generate(checkpoint_path: str, prompts: list[str], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-             output: Optional[str] = None, log=print) -> list[dict]:
-  """Completions of text prompts: [{"prompt", "completion", "completion_ids"}] in prompt order, written as JSONL
-  to `output` (or printed to stdout)."""
-  gen, codec, pre = load_generator(checkpoint_path)
-  bos = bos_prefix(pre.cfg)
-  prompt_ids = [bos + list(ids) for ids in codec.encode_batch(prompts)]
+def check_vocabulary(prompt_ids: list[list[int]], vocab_size: int) -> None:
+  """A DataError for an id the model's embedding has no row for (a tokenizer or ids that are not the model's)."""
+  top = max((max(ids) for ids in prompt_ids if ids), default=0)
+  low = min((min(ids) for ids in prompt_ids if ids), default=0)
+  if top >= vocab_size or low < 0:
+    raise DataError(f"a prompt holds token id {top if top >= vocab_size else low}, outside the model's vocabulary "
+                    f"[0, {vocab_size}): the tokenizer (or the ids given) does not belong to this model")
+
+
+def generate(checkpoint_path: str, prompts: list, *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+             output: Optional[str] = None, compute_dtype: Optional[str] = None, log=print) -> list[dict]:
+  """Completions of prompts (text, encoded as transformers' tokenizer(prompt) does, LLaMA's <s> included; or lists
+  of token ids, used as they are): [{"prompt", "completion", "completion_ids"}] in prompt order, written as JSONL
+  to `output` (or printed to stdout). compute_dtype: default the checkpoint's (a run's model.compute_dtype, an HF
+  directory's stored dtype)."""
+  texts = [p for p in prompts if isinstance(p, str)]
+  gen, codec, pre = load_generator(checkpoint_path, compute_dtype=compute_dtype, need_tokenizer=bool(texts))
+  encoded = iter(codec.encode_batch(texts) if texts else [])
+  prompt_ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+  check_vocabulary(prompt_ids, pre.cfg.model.vocab_size)
   t0 = time.perf_counter()
-  new_ids = gen(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_id=codec.eos_id)
+  new_ids = gen(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
+               eos_id=codec.eos_id if codec is not None else None)
   seconds = time.perf_counter() - t0
-  records = [{"prompt": p, "completion": completion_text(codec, ids, new), "completion_ids": new}
-             for p, ids, new in zip(prompts, prompt_ids, new_ids)]
+  records = [{"prompt": p, "completion": completion_text(codec, ids, new) if codec is not None else None,
+              "completion_ids": new} for p, ids, new in zip(prompts, prompt_ids, new_ids)]
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -383,11 +386,14 @@ def generate(checkpoint_path: str, prompts: list[str], *, max_new_tokens: int = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m maxlm.generate", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m maxlm.generate",
+                              description="Continue prompts with a checkpoint's model (a KV cache: one prefill, then "
+                                          "one jitted step per token); greedy, temperature, top-k, top-p.")
   p.add_argument("--checkpoint", required=True, help="run directory, RUN@STEP or Hugging Face model directory")
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt")
-  source.add_argument("--prompts", help="JSONL file, one {\"prompt\": TEXT} (or \"text\") per line")
+  source.add_argument("--prompts", help="JSONL file, one {\"prompt\": TEXT} (or \"text\", or \"ids\": [token ids]) "
+                                       "per line")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=None,
                  help="0 = greedy; default 0, or 1 when --top-k or --top-p is given")
@@ -395,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1 = off)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output", default=None, help="JSONL output (default: stdout)")
+  p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                 help="dtype of the forward pass (default: the checkpoint's, a run's model.compute_dtype or an HF "
+                      "directory's stored dtype; float32 reproduces transformers' fp32 greedy output)")
   return p
 
 
@@ -408,7 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     sampling = Sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     generate(args.checkpoint, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, output=args.output,
-             log=lambda msg: print(msg, file=sys.stderr))
+             compute_dtype=args.compute_dtype, log=lambda msg: print(msg, file=sys.stderr))
 
   return cli_exit_code(run)
 

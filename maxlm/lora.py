@@ -216,6 +216,18 @@ def peft_config(cfg: Config, base: str) -> dict:
           "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
 
 
+def peft_base_name(base: str) -> str:
+  """adapter_config.json's base_model_name_or_path: the Hugging Face directory a from-hf base was imported from
+  (AutoPeftModelForCausalLM loads it), else the maxlm base run (export it with to-hf, then load the adapter onto it)."""
+  from maxlm.outputs import HF_IMPORT  # pylint: disable=import-outside-toplevel
+  try:
+    with open(os.path.join(os.path.expanduser(base), HF_IMPORT.marker)) as f:
+      source = json.load(f).get("source")
+  except (OSError, ValueError, AttributeError):
+    return base
+  return source if isinstance(source, str) and os.path.isfile(os.path.join(source, "config.json")) else base
+
+
 def peft_tensors(adapters: dict) -> dict[str, np.ndarray]:
   """peft's tensor names and torch layouts: lora_A.weight (r, in) = A[l].T, lora_B.weight (out, r) = B[l].T."""
   from maxlm import hf_names  # pylint: disable=import-outside-toplevel
@@ -240,7 +252,7 @@ def export_peft(checkpoint_path: str, output: str, *, step: Optional[int] = None
   tensors = {k: v.astype(_np_dtype(dtype)) for k, v in peft_tensors(adapters).items()}
   with atomic_output(output, HF_EXPORT, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-      json.dump(peft_config(cfg, base), f, indent=2)
+      json.dump(peft_config(cfg, peft_base_name(base)), f, indent=2)
     save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, HF_EXPORT.marker), "w") as f:
       json.dump({"checkpoint": os.path.abspath(checkpoint_path), "step": step, "dtype": dtype, "adapter": True,

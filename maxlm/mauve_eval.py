@@ -38,7 +38,7 @@ def held_out_prefixes(data: str, codec, *, prefix_tokens: int, continuation_toke
   (N, prefix + continuation); and counts of what was read."""
   from maxlm import pretrained  # pylint: disable=import-outside-toplevel
   need = prefix_tokens + continuation_tokens
-  rows = pretrained.document_rows(data, codec, seq_len=need, vocab_size=vocab_size, log=log)
+  rows = pretrained.document_rows(data, codec, seq_len=need, vocab_size=vocab_size, special_tokens=False, log=log)
   long_enough = np.flatnonzero(rows.mask.sum(axis=1) == need)
   if len(long_enough) == 0:
     raise DataError(f"no document of {data} has --prefix-tokens + --max-new-tokens = {need} tokens: lower them or "
@@ -124,7 +124,7 @@ def mauve_eval(checkpoint_path: str, data: str, *, prefix_tokens: int, max_new_t
   check_featurizer(featurizer)  # before generating, which takes the longest
   t0 = time.perf_counter()
   gen, codec, pre = gen_lib.load_generator(checkpoint_path, batch_size=32)
-  bos = gen_lib.bos_prefix(pre.cfg)
+  bos = codec.before  # a window is text from inside a document; the prompt starts as the tokenizer starts a text
   if len(bos) + prefix_tokens + max_new_tokens > pre.cfg.model.max_positions:
     raise DataError(f"--prefix-tokens {prefix_tokens} + --max-new-tokens {max_new_tokens} exceed the model's "
                     f"max_positions {pre.cfg.model.max_positions}: lower them")

@@ -84,11 +84,22 @@ def load(spec: str, *, abstract: Optional[dict] = None, hf_config: Optional[str]
 
 @dataclasses.dataclass
 class TextCodec:
-  """The tokenizer of a loaded model: encode a batch of strings, decode ids, and its pad / end-of-text ids."""
-  encode_batch: Callable[[list[str]], list[list[int]]]
+  """The tokenizer of a loaded model: its text encoder, decoder, pad / end-of-text ids and the special tokens its
+  transformers tokenizer puts around a text (LLaMA's <s>), so a text is scored and continued as transformers would."""
+  encode_text: Callable[[list[str]], list[list[int]]]  # the text's own ids, no special tokens
   decode: Callable[[list[int]], str]
   eos_id: int
   pad_id: int
+  before: list[int] = dataclasses.field(default_factory=list)
+  after: list[int] = dataclasses.field(default_factory=list)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """transformers' `tokenizer(text)["input_ids"]` for each text: its ids inside the tokenizer's special tokens."""
+    return [self.before + list(ids) + self.after for ids in self.encode_text(texts)]
+
+  def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+    """The prefix a text's continuation follows: the leading special tokens and the text (no trailing ones)."""
+    return [self.before + list(ids) for ids in self.encode_text(texts)]
 
 
 def text_codec(cfg: Config) -> TextCodec:
@@ -101,7 +112,8 @@ def text_codec(cfg: Config) -> TextCodec:
                     "field) or set data.tokenizer in the run's config")
   encode, _, decode = tokenization.run_encoder(cfg.data)
   eos, pad = tokenization.special_ids(cfg.data)
-  return TextCodec(encode, decode, eos, pad)
+  before, after = tokenization.run_special_tokens(cfg.data)
+  return TextCodec(encode, decode, eos, pad, list(before), list(after))
 
 
 @dataclasses.dataclass
@@ -112,10 +124,11 @@ class Rows:
 
 
 def document_rows(path: str, codec: Optional[TextCodec], *, seq_len: int, max_docs: int = 0, pad_id: int = 0,
-                  vocab_size: int = 0, log=print) -> Rows:
-  """Rows of `seq_len` tokens from a data file (JSONL `text` tokenized with `codec`, or `ids` used as they are;
-  plain text one document per line), each document truncated or right-padded; `max_docs` 0 = all. With
-  `vocab_size`, an id outside the model's vocabulary is a DataError."""
+                  vocab_size: int = 0, special_tokens: bool = True, log=print) -> Rows:
+  """Rows of `seq_len` tokens from a data file (JSONL `text` tokenized with `codec` as transformers' tokenizer does,
+  special tokens included unless `special_tokens` is False; or `ids` used as they are; plain text one document per
+  line), each document truncated or right-padded; `max_docs` 0 = all. With `vocab_size`, an id outside the model's
+  vocabulary is a DataError."""
   from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel
   docs = [d for group in collect_documents(path, ids_key="ids", log=log).values() for d in group]
   if max_docs:
@@ -123,7 +136,8 @@ def document_rows(path: str, codec: Optional[TextCodec], *, seq_len: int, max_do
   texts = [i for i, d in enumerate(docs) if isinstance(d, str)]
   if texts and codec is None:
     raise DataError(f"{path} holds text, but this checkpoint has no tokenizer; give token ids (an 'ids' field)")
-  encoded = dict(zip(texts, codec.encode_batch([docs[i] for i in texts]))) if texts else {}
+  encode = (codec.encode_batch if special_tokens else codec.encode_text) if texts else None
+  encoded = dict(zip(texts, encode([docs[i] for i in texts]))) if texts else {}
   pad = codec.pad_id if codec is not None else pad_id
   ids = np.full((len(docs), seq_len), pad, np.int32)
   mask = np.zeros((len(docs), seq_len), np.int32)

@@ -173,6 +173,12 @@ def test_import_errors(tmp_path, exported):
   (wrong / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=3)))
   with pytest.raises(ConversionError, match="lacks 9 tensor.*model.layers.2.input_layernorm.weight"):
     convert.from_hf(str(wrong), str(tmp_path / "out"))
+  # A tokenizer with more entries than the embedding has rows (its high ids would read past the table).
+  (wrong / "config.json").write_text(json.dumps(hf))
+  from tokenizers import Tokenizer, models  # pylint: disable=import-outside-toplevel
+  Tokenizer(models.WordLevel({f"w{i}": i for i in range(500)}, unk_token="w0")).save(str(wrong / "tokenizer.json"))
+  with pytest.raises(ConversionError, match="has 500 tokens but config.json's vocab_size is 384"):
+    convert.from_hf(str(wrong), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
 
 
@@ -200,6 +206,20 @@ def test_export_errors_leave_nothing(tmp_path, exported):
   with pytest.raises(CheckpointError, match="unreadable"):
     convert.to_hf(str(tmp_path / "corrupt"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists() and not _no_leftovers(tmp_path)
+
+
+def test_default_export_is_the_parameters_dtype_and_run_at_step_names_the_step(tmp_path, exported):
+  """`--checkpoint RUN@STEP` as every other command takes it; without --dtype the fp32 parameters are written as
+  they are, so transformers gives maxlm's logits."""
+  root, cfg, params = exported
+  assert convert.main(["to-hf", "--checkpoint", f"{root / 'run'}@0", "--output", str(tmp_path / "o")]) == 0
+  assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float32"
+  _, ref = hf_logits(str(tmp_path / "o"), TOKENS)
+  np.testing.assert_allclose(ref, maxlm_logits(cfg, params, TOKENS), atol=1e-4)
+  with pytest.raises(ConversionError, match="different steps"):
+    convert.to_hf(f"{root / 'run'}@0", str(tmp_path / "p"), step=3)
+  with pytest.raises(CheckpointError, match="step 7 has no checkpoint"):
+    convert.to_hf(f"{root / 'run'}@7", str(tmp_path / "p"))
 
 
 def test_cli_prints_error_and_exits_2(tmp_path, capsys, exported):

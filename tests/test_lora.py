@@ -295,3 +295,19 @@ def test_dry_run_counts_adapters_as_trainable_and_the_base_as_frozen():
       assert train.main([f"--config={preset}", "--dry-run", "--devices", "8"]) == 0
     assert "6,738,415,616 parameters" in out.getvalue()
     assert ("16,777,216 trainable" in out.getvalue()) == ("lora" in preset)
+
+
+def test_peft_base_of_an_import_is_its_hugging_face_directory(tmp_path):
+  """adapter_config.json names the HF directory a from-hf base came from (AutoPeftModelForCausalLM loads it);
+  another base stays the maxlm run it is."""
+  from maxlm import lora  # pylint: disable=import-outside-toplevel
+  from maxlm.outputs import HF_IMPORT  # pylint: disable=import-outside-toplevel
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text("{}")
+  (tmp_path / "imported").mkdir()
+  (tmp_path / "imported" / HF_IMPORT.marker).write_text(json.dumps({"source": str(tmp_path / "hf")}))
+  assert lora.peft_base_name(str(tmp_path / "imported")) == str(tmp_path / "hf")
+  (tmp_path / "trained").mkdir()
+  assert lora.peft_base_name(str(tmp_path / "trained")) == str(tmp_path / "trained")
+  (tmp_path / "hf" / "config.json").unlink()  # the source moved away: the run, which still loads with maxlm
+  assert lora.peft_base_name(str(tmp_path / "imported")) == str(tmp_path / "imported")
