@@ -1,5 +1,6 @@
 """PCFG downstream tasks (seed 003; IB pcfg/generate_downstream.py): sampled sentences of more than 4 words, each
-labelled by the nonterminal with the largest inside probability of a span, written as CSV `text,label`.
+labelled by the nonterminal with the largest inside probability of a span, written as CSV `text,label` with IB's
+integer labels.
 
 Tasks (inside probabilities P(A =>* words[i:j]) of the span alone, as IB computes them):
   A  whole sentence, argmax over the start symbol's unary children (IB: S -> S1 | ... | Sn, one class per Si),
@@ -7,9 +8,12 @@ Tasks (inside probabilities P(A =>* words[i:j]) of the span alone, as IB compute
      there with the fix (tasks B/C, or a grammar in IB's shape such as builtin:ib_demo or seed 003's rule file).
   B  span [0, 4), argmax over all nonterminals.
   C  span [0, 2), argmax over all nonterminals.
-Ties, including spans no candidate derives (all zero), go to the first name in sorted order (IB gives those the
-first key of its hard-coded list, S1; skip_underived leaves them out). IB's chart skips unary rules; maxlm's
-includes unary chains, which only matters for grammars with unary rules below the start symbol.
+Ties, including spans no candidate derives (all zero), go to the first candidate in IB's order: S1, S2, ... (numbered
+S-classes by number), then the other names sorted; IB's own list is S1..S9, A1_0..A4_9, so an all-zero span is S1
+there too (skip_underived leaves such rows out). Labels in the CSV are IB's integers: task A the class's position
+in that order (S1 -> 0), tasks B and C the nonterminal's position among all nonterminals sorted by name (IB's
+nont_dict); `labels_json` writes the names beside the CSV. IB's chart skips unary rules; maxlm's includes unary
+chains, which only matters for grammars with unary rules below the start symbol.
 Checked against IB's own code (nltk) on seed 003's rule file: identical labels for tasks A, B and C.
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import json
 import os
+import re
 
 import numpy as np
 
@@ -39,26 +45,43 @@ _STREAM_TAG = 0x7A5C        # keeps task sentences apart from the training strea
 class TaskData:
   """Rows of one task and what a person checks before using them."""
   task: str
-  rows: list                  # [(text, label)]
-  classes: list               # candidate labels, sorted
-  label_counts: dict          # label -> rows
+  rows: list                  # [(text, label name)]
+  classes: list               # candidate labels, in tie order (module docstring)
+  label_counts: dict          # label name -> rows
   underived: int              # rows whose span no candidate derives (labelled classes[0] by the tie rule)
   notes: list                 # the grammar's loading notes
+  label_ids: dict = dataclasses.field(default_factory=dict)  # label name -> IB's integer label
+
+  def csv_rows(self) -> list[tuple[str, int]]:
+    return [(text, self.label_ids[label]) for text, label in self.rows]
+
+
+def ib_order(names) -> list[str]:
+  """IB's candidate order: S1, S2, ... by number, then the other names sorted."""
+  numbered = [n for n in names if re.fullmatch(r"S[0-9]+", n)]
+  return sorted(numbered, key=lambda n: int(n[1:])) + sorted(n for n in names if n not in numbered)
 
 
 def task_classes(grammar: Grammar, task: str) -> list[str]:
-  """Sorted candidate nonterminals of a task (module docstring)."""
+  """Candidate nonterminals of a task in tie order (module docstring)."""
   if task not in TASKS:
     raise DataError(f"unknown PCFG task {task!r}; use A, B or C.")
   if task != "A":
-    return sorted(grammar.nonterminals)
-  children = sorted({r.rhs[0] for r in grammar.rules
-                     if r.lhs == grammar.start and len(r.rhs) == 1 and not r.terminal[0]})
+    return ib_order(grammar.nonterminals)
+  children = ib_order({r.rhs[0] for r in grammar.rules
+                       if r.lhs == grammar.start and len(r.rhs) == 1 and not r.terminal[0]})
   if not children:
     raise DataError(f"task A labels a sentence by the start symbol's unary children (IB's S -> S1 | ... | Sn), but "
                     f"{grammar.name}'s start symbol {grammar.start} has none; use --task B or C, or a grammar whose "
                     "start symbol has unary rules (builtin:ib_demo, or seed 003's rule file).")
   return children
+
+
+def label_ids(grammar: Grammar, task: str) -> dict[str, int]:
+  """IB's integer label of each candidate: task A its position in task_classes (S1 -> 0), tasks B and C the
+  nonterminal's position among all nonterminals sorted by name."""
+  names = task_classes(grammar, task) if task == "A" else sorted(grammar.nonterminals)
+  return {name: i for i, name in enumerate(names)}
 
 
 def span_inside(grammar: Grammar, sentences, start: int = 0, end: int | None = None) -> np.ndarray:
@@ -85,8 +108,8 @@ def _span_values(grammar: Grammar, sentences, start: int, end: int | None):
 
 
 def label_sentences(grammar: Grammar, sentences, task: str) -> tuple[list[str], int]:
-  """(label per sentence, how many had no candidate deriving the span): argmax of the span's inside probability
-  over task_classes; ties go to the first name in sorted order."""
+  """(label name per sentence, how many had no candidate deriving the span): argmax of the span's inside probability
+  over task_classes; ties go to the first candidate in their order."""
   labels, derived = _labels_and_derived(grammar, sentences, task, task_classes(grammar, task))
   return labels, len(derived) - int(np.sum(derived))
 
@@ -98,7 +121,7 @@ def _labels_and_derived(grammar: Grammar, sentences, task: str, classes: list[st
                     f"{len(sentences[short[0]])}.")
   values, _ = _span_values(grammar, sentences, *(TASK_SPANS[task] or (0, None)))
   cand = values[:, [grammar.nt_id[c] for c in classes]]
-  # Ties go to the first name (classes are sorted). Rules that tie exactly, like two identical ones, can come out
+  # Ties go to the first candidate (classes are in tie order). Rules that tie exactly, like two identical ones, can come out
   # of the scaled inside pass a few ulps apart, by summation order that differs between CPUs; within TIE_RTOL of
   # the maximum counts as a tie.
   top = cand.max(axis=1, keepdims=True)
@@ -162,7 +185,7 @@ def make_task(grammar: Grammar, task: str, num: int, seed: int, max_words: int =
   rows = _fill(labelled_chunks(), num, grammar, max_words, "span" if skip_underived else "sentence")
   counts = dict(sorted(collections.Counter(label for _, label, _ in rows).items()))
   return TaskData(task, [(text, label) for text, label, _ in rows], classes, counts,
-                  sum(not ok for _, _, ok in rows), list(grammar.notes))
+                  sum(not ok for _, _, ok in rows), list(grammar.notes), label_ids(grammar, task))
 
 
 def check_output(path: str) -> None:
@@ -183,11 +206,23 @@ def write_csv(path: str, rows) -> None:
     writer.writerows(rows)
 
 
+def labels_path(csv_path: str) -> str:
+  return os.path.splitext(csv_path)[0] + ".labels.json"
+
+
+def write_task(path: str, data: TaskData) -> None:
+  """The CSV (IB's integer labels) and, beside it, NAME.labels.json: {"task", "labels": {integer: nonterminal}}."""
+  write_csv(path, data.csv_rows())
+  with open(labels_path(path), "w", encoding="utf-8") as f:
+    json.dump({"task": data.task, "labels": {str(i): name for name, i in data.label_ids.items()}}, f, indent=1)
+
+
 def summarize(data: TaskData, path: str) -> str:
-  lines = [f"task {data.task}: {len(data.rows)} rows -> {path}; {len(data.label_counts)} of {len(data.classes)} "
-           "classes used: " + ", ".join(f"{k} {v}" for k, v in data.label_counts.items())]
+  lines = [f"task {data.task}: {len(data.rows)} rows -> {path} (label names: {labels_path(path)}); "
+           f"{len(data.label_counts)} of {len(data.classes)} classes used: "
+           + ", ".join(f"{k} (label {data.label_ids[k]}) {v}" for k, v in data.label_counts.items())]
   if data.underived:
     lines.append(f"  {data.underived} rows: no candidate derives the span; labelled {data.classes[0]} (ties go to the "
-                 "first name in sorted order)")
+                 "first candidate: S1, S2, ..., then the other names sorted)")
   lines += [f"  grammar: {note}" for note in data.notes]
   return "\n".join(lines)

@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser(
       "pcfg-tasks", help="labelled PCFG sentences (seed 003's downstream tasks A/B/C) as CSV text,label",
       description="Sentences of more than 4 words sampled from a grammar, each labelled by the nonterminal with the "
-      "largest inside probability of a span (ties: first name in sorted order). A: the whole sentence, over the "
-      "start symbol's unary children (IB's S1..Sn; builtin:demo's start symbol has none, so A is refused there: "
-      "use builtin:ib_demo or an IB rule file); B: span [0,4) and C: span [0,2), over all nonterminals.")
+      "largest inside probability of a span (ties: S1, S2, ... first, then the other names sorted, as IB). A: the whole "
+      "sentence, over the start symbol's unary children (IB's S1..Sn; builtin:demo's start symbol has none, so A is "
+      "refused there: use builtin:ib_demo or an IB rule file); B: span [0,4) and C: span [0,2), over all "
+      "nonterminals. Labels are IB's integers (A: S1 -> 0, ...; B/C: the position among all nonterminals sorted by "
+      "name); OUTPUT.labels.json beside the CSV names them.")
   t.add_argument("--grammar", default="builtin:demo",
                  help="builtin:NAME, a rule file path, or ib:PATH / maxlm:PATH to force its format (default: "
                  "builtin:demo)")
@@ -48,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="longest sentence kept (default 31, as IB's --length-limit 32)")
   t.add_argument("--skip-underived", action="store_true",
                  help="leave out sentences whose span no candidate nonterminal derives (otherwise they get the tie "
-                 "label, the first name in sorted order; the summary counts them)")
-  t.add_argument("--output", required=True, help="CSV file to write (columns text,label)")
+                 "label, S1 or the first candidate; the summary counts them)")
+  t.add_argument("--output", required=True, help="CSV file to write (columns text,label; plus OUTPUT.labels.json)")
   return parser
 
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
       pcfg_tasks.check_output(args.output)
       task = pcfg_tasks.make_task(data_pipelines.load_grammar(args.grammar), args.task, args.num, args.seed,
                                   max_words=args.max_words, skip_underived=args.skip_underived)
-      pcfg_tasks.write_csv(args.output, task.rows)
+      pcfg_tasks.write_task(args.output, task)
       print(pcfg_tasks.summarize(task, args.output), file=sys.stderr)
 
   return cli_exit_code(body)

@@ -3,6 +3,7 @@ task A/B/C labels (ties, underived spans) against a direct per-nonterminal compu
 
 import collections
 import csv
+import json
 import os
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_span_inside_matches_brute_force_enumeration(fmt):
 def _reference_label(tables, classes, words):
   values = [tables[c].get(tuple(words), 0.0) for c in classes]
   top = max(values)
-  # Ties (here E and F, identical rules) go to the first name in sorted order.
+  # Ties (here E and F, identical rules) go to the first candidate (IB's order: S1, S2, ..., then names sorted).
   return classes[next(k for k, v in enumerate(values) if v >= top * (1 - 1e-9))], top > 0
 
 
@@ -105,8 +106,9 @@ def test_task_labels_match_direct_computation():
   text = open(IB_TINY).read()
   g = pcfg.load_grammar(IB_TINY)
   rules, tables = _brute(text, "ib")
-  lhs_sorted = sorted(rules)
-  classes = {"A": sorted(r[0] for r, _ in rules["S"]), "B": lhs_sorted, "C": lhs_sorted}
+  numbered = sorted((n for n in rules if n[0] == "S" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+  ib_order = numbered + sorted(n for n in rules if n not in numbered)
+  classes = {"A": sorted(r[0] for r, _ in rules["S"]), "B": ib_order, "C": ib_order}
   assert classes["A"] == ["S1", "S2", "S3"]
   ties = collections.Counter()
   for task, span in (("A", None), ("B", (0, 4)), ("C", (0, 2))):
@@ -150,7 +152,10 @@ def test_cli_writes_csv_and_refuses_task_a_without_unary_start(tmp_path, capsys)
     rows = list(csv.reader(f))
   g = pcfg.load_grammar(IB_TINY)
   assert rows[0] == ["text", "label"]
-  assert [tuple(r) for r in rows[1:]] == pcfg_tasks.make_task(g, "C", 40, seed=1).rows
+  # IB's integer labels (task C: the position among all nonterminals sorted by name), the names beside the CSV.
+  names = json.loads((tmp_path / "c.labels.json").read_text())["labels"]
+  assert [(t, names[i]) for t, i in rows[1:]] == pcfg_tasks.make_task(g, "C", 40, seed=1).rows
+  assert [names[str(i)] for i in range(len(names))] == sorted(g.nonterminals)
   # builtin:demo's start symbol has only binary rules: task A is refused with the fix, B works.
   assert data_cli.main(["pcfg-tasks", "--task", "A", "--num", "5", "--output", str(tmp_path / "a.csv")]) == 2
   err = capsys.readouterr().err
