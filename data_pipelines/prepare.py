@@ -108,7 +108,8 @@ def tokenize_file(path: str, root: str, settings: dict) -> dict:
 
   for text, domain in raw_records.read_documents(path, stats, text_key=settings["text_key"],
                                                   domain_key=settings["domain_key"],
-                                                  default_domain=settings["default_domain"]):
+                                                  default_domain=settings["default_domain"],
+                                                  text_lines=settings.get("text_lines", False)):
     raw = text.encode("utf-8", "surrogatepass")
     pending.append((text, domain, raw))
     pending_bytes += len(raw)
@@ -202,9 +203,11 @@ def _assemble(root: str, files: list[str], dones: dict, settings: dict, tok: Tex
 def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", domain_key: str = "",
             default_domain: str = "default", validation_fraction: float = 0.0, workers: int = 0,
             separator: str | None = None, keep_parts: bool = False, progress: bool = True,
-            flush_tokens: int = _FLUSH_TOKENS) -> dict:
+            flush_tokens: int = _FLUSH_TOKENS, text_lines: bool = False) -> dict:
   """Tokenizes every document of the input files into a token store at `output`; returns the manifest.
 
+  A plain-text input is one document per file, or one per non-blank line with `text_lines` (as the analysis tools
+  and `evaluate` read .txt files).
   workers: processes (0 = all cores; 1 = in this process). Re-running with the same arguments after a crash
   redoes only unfinished files; after success it returns the existing manifest.
   """
@@ -216,7 +219,7 @@ def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", doma
       "version": STORE_VERSION, "text_key": text_key, "domain_key": domain_key, "default_domain": default_domain,
       "validation_fraction": validation_fraction, "tokenizer_path": os.path.abspath(tok.path),
       "tokenizer_sha256": tok.sha256, "separator": tok.separator, "dtype": token_store.token_dtype(tok.vocab_size),
-      "flush_tokens": flush_tokens,
+      "flush_tokens": flush_tokens, **({"text_lines": True} if text_lines else {}),
       "inputs": [{"file": p, "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in files],
   }
   kv = token_store.KV(output)
@@ -279,6 +282,9 @@ def _check_documents(stats: list, output: str, text_key: str, domain_key: str, p
   warning."""
   if not any(s["documents"] for s in stats):
     _delete_parts(output)  # nothing worth resuming, and fixed inputs must not meet a stale _parts
+    local = token_store.kvstore_spec(output)
+    if local["driver"] == "file" and os.path.isdir(local["path"]) and not os.listdir(local["path"]):
+      os.rmdir(local["path"])  # the empty directory this run made: "no token store was written" is then true
     raise DataError(_no_documents_message(stats, output, text_key, domain_key))
   for s in stats:
     if not s["documents"]:

@@ -77,8 +77,11 @@ def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_ke
       stats.bad("ids field is not a non-empty list of token ids (ints >= 0)", where, repr(ids)[:80])
       return None
     text = ids
-  elif text is _MISSING or text is None:
+  elif text is _MISSING:
     stats.bad(f"missing text field '{text_key}'", where)
+    return None
+  elif text is None:
+    stats.bad(f"text field '{text_key}' is null", where)
     return None
   elif not isinstance(text, str):
     stats.bad(f"text field '{text_key}' is not a string", where, repr(text))
@@ -91,6 +94,9 @@ def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_ke
       stats.bad(f"missing domain field '{domain_key}'", where, str(text))
       return None
     domain = str(domain)
+    if not domain.strip():
+      stats.bad(f"empty domain field '{domain_key}'", where, str(text))
+      return None
   elif domain is not None and domain is not _MISSING:
     domain = str(domain)  # found through a fallback key
   else:

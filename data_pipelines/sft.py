@@ -94,6 +94,7 @@ def _chat_renderer(template: str, special: dict):
   in (sandboxed, trim_blocks, lstrip_blocks, loop controls, raise_exception, strftime_now, tojson)."""
   try:
     import jinja2  # pylint: disable=import-outside-toplevel
+    import jinja2.ext  # pylint: disable=import-outside-toplevel  (not loaded by `import jinja2`)
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise DataError("chat templates are rendered with jinja2: pip install jinja2 (it comes with 'maxlm[hf]')") from None
@@ -122,7 +123,7 @@ def read_records(path: str, stats: FileStats) -> list[tuple[str, object]]:
   """(where, record) of an Alpaca JSON file (a list of records) or JSONL (one record per line)."""
   if not os.path.isfile(path):
     raise DataError(f"data.path {path!r} does not exist: give an Alpaca JSON file (a list of {{instruction, input, "
-                    "output}}) or a chat JSONL file ({messages: [{role, content}, ...]} per line)")
+                    "output}) or a chat JSONL file ({messages: [{role, content}, ...]} per line)")
   with open(path, encoding="utf-8", errors="replace") as f:
     text = f.read()
   stats.bytes = len(text)

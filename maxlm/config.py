@@ -185,6 +185,11 @@ class Config:
     """Which file or override last set `key` ("section.name"), for error messages."""
     return self.__dict__.get("_origins", {}).get(key, "the defaults")
 
+  def said(self, key: str) -> str:
+    """'section.name = value (from where)', for error messages."""
+    section, name = key.split(".")
+    return f"{key} = {getattr(getattr(self, section), name)!r} (from {self.origin(key)})"
+
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -303,7 +308,7 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
   if expected in (int, float, str, bool) and type(value) is expected:
     return value
   raise ConfigError(f"{key} = {value!r} (from {origin}) must be of type {_type_name(hint)}, "
-                    f"got {type(value).__name__}")
+                    f"got {type(value).__name__}: set it to a value of that type")
 
 
 def _apply(cfg: Config, data: dict, origin: str) -> None:
@@ -357,6 +362,17 @@ def parse_override(text: str) -> tuple[str, Any]:
   except yaml.YAMLError:
     value = raw
   return key.strip(), value
+
+
+def check_command_line_overrides(overrides) -> None:
+  """A ConfigError when a command line sets one key twice (which would silently keep the last): the CLIs call it;
+  programs that build override lists may layer them."""
+  seen = {}
+  for text in overrides:
+    key = parse_override(text)[0]
+    if key in seen:
+      raise ConfigError(f"{key} is set twice on the command line ({seen[key]!r} and {text!r}): keep one")
+    seen[key] = text
 
 
 def load_config(name_or_path: str = "demo", overrides: tuple[str, ...] | list[str] = (),
@@ -463,16 +479,15 @@ def _check_ranges(cfg: Config) -> None:
 def _check_model(cfg: Config) -> None:
   m, t = cfg.model, cfg.train
   if m.head_dim == 0 and m.hidden % m.heads:
-    raise ConfigError(f"model.hidden = {m.hidden} is not divisible by model.heads = {m.heads}; "
+    raise ConfigError(f"{cfg.said('model.hidden')} is not divisible by {cfg.said('model.heads')}; "
                       f"change one of them or set model.head_dim explicitly")
   if cfg.kv_heads <= 0 or m.heads % cfg.kv_heads:
-    raise ConfigError(f"model.heads = {m.heads} must be a multiple of model.kv_heads = {m.kv_heads}")
+    raise ConfigError(f"{cfg.said('model.heads')} must be a multiple of {cfg.said('model.kv_heads')}")
   if t.seq_len > m.max_positions:
-    raise ConfigError(f"train.seq_len = {t.seq_len} exceeds model.max_positions = {m.max_positions}; "
+    raise ConfigError(f"{cfg.said('train.seq_len')} exceeds {cfg.said('model.max_positions')}; "
                       f"lower train.seq_len or raise model.max_positions")
   if t.global_batch % t.microbatches:
-    raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.microbatches = "
-                      f"{t.microbatches}")
+    raise ConfigError(f"{cfg.said('train.global_batch')} is not divisible by {cfg.said('train.microbatches')}")
 
 
 def _check_features(cfg: Config) -> None:
@@ -524,7 +539,11 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
   _check_features(cfg)
   if num_devices is not None:
     m, t = cfg.model, cfg.train
-    data, fsdp, tensor = mesh_shape(cfg.mesh, num_devices)
+    try:
+      data, fsdp, tensor = mesh_shape(cfg.mesh, num_devices)
+    except ConfigError as e:
+      set_by = "; ".join(cfg.said(k) for k in ("mesh.data", "mesh.fsdp", "mesh.tensor"))
+      raise ConfigError(f"{e} [{set_by}]") from None
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
     per_step = t.global_batch // t.microbatches
     if per_step % (data * fsdp):

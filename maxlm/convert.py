@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from maxlm import checkpoint, hf_names
-from maxlm.config import Config, finalize, load_config
+from maxlm.config import Config, check_command_line_overrides, finalize, load_config
 from maxlm.data_pipelines.tokenization import carry_tokenizer, export_tokenizer, tokenizer_file_in
 from maxlm.errors import CheckpointError, ConversionError, DataError, cli_exit_code
 from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
@@ -487,6 +487,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       to_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
             max_shard_bytes=args.shard_size_mb * 2 ** 20, adapter=args.adapter)
     else:
+      check_command_line_overrides(args.overrides)
       from_hf(args.model, args.output, config=args.config, overrides=tuple(args.overrides),
               overwrite=args.overwrite)
 

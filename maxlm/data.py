@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--separator", default=None,
                  help="document separator token (default: the tokenizer's end-of-document token)")
   p.add_argument("--keep-parts", action="store_true", help="keep the per-file intermediate parts")
+  p.add_argument("--text-lines", action="store_true",
+                 help="plain-text inputs: one document per non-blank line (default: one document per file)")
   p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
   i = sub.add_parser("inspect", help="per-domain counts, bad records and decoded samples of a store")
   i.add_argument("store")
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
       data_pipelines.prepare(args.input, args.tokenizer, args.output, text_key=args.text_key,
                              domain_key=args.domain_key, default_domain=args.default_domain,
                              validation_fraction=args.validation_fraction, workers=args.workers,
-                             separator=args.separator, keep_parts=args.keep_parts, progress=not args.quiet)
+                             separator=args.separator, keep_parts=args.keep_parts, progress=not args.quiet,
+                             text_lines=args.text_lines)
     elif args.command == "inspect":
       print(data_pipelines.inspect_store(args.store, sample_tokens=args.sample_tokens))
     else:

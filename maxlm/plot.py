@@ -48,16 +48,18 @@ def true_entropy(run_dir: str) -> Optional[float]:
 
 
 def png_path(output: str) -> str:
-  """The file a plot goes to: OUTPUT itself, OUTPUT/curves.png for an existing directory, OUTPUT.png when it has
-  no extension (what matplotlib would write anyway, named so that the message says the truth)."""
-  if os.path.isdir(output):
+  """The file a plot goes to: OUTPUT itself, OUTPUT/curves.png for an existing directory or a name ending in a path
+  separator (created), OUTPUT.png when it has no extension (what matplotlib would write anyway, named so that the
+  message says the truth)."""
+  if os.path.isdir(output) or output.endswith((os.sep, "/")):
     return os.path.join(output, "curves.png")
   return output if os.path.splitext(output)[1] else output + ".png"
 
 
 def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS, x: str = "step",
               labels: Optional[list[str]] = None, title: str = "") -> dict:
-  """Draws one panel per metric, one curve per run; returns {metric: {label: (xs, ys)}, "floor": value|None}."""
+  """Draws one panel per metric, one curve per run; returns {metric: {label: (xs, ys)}, "floor": value|None,
+  "output": the PNG written}."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -95,6 +97,7 @@ def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DE
   os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
   fig.savefig(output, dpi=110)
   plt.close(fig)
+  drawn["output"] = output
   return drawn
 
 
@@ -113,9 +116,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     labels = [s for s in args.labels.split(",") if s] or None
     if labels and len(labels) != len(args.runs):
       raise DataError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
-    plot_runs(args.runs, args.output, metrics=tuple(m for m in args.metrics.split(",") if m), x=args.x,
-              labels=labels, title=args.title)
-    print(f"wrote {png_path(args.output)}")
+    drawn = plot_runs(args.runs, args.output, metrics=tuple(m for m in args.metrics.split(",") if m), x=args.x,
+                      labels=labels, title=args.title)
+    print(f"wrote {drawn['output']}")
 
   return cli_exit_code(body)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from typing import Optional
@@ -32,16 +33,24 @@ def _holder(path: str) -> dict:
     return {}
 
 
+# What a job writes before its first logged step or checkpoint: a directory holding only these held nothing of value.
+SETUP_FILES = (LOCK_FILE, "config.yaml", "config.json", "checkpoints", "tensorboard")
+
+
 class RunDirLock:
-  """`with RunDirLock(run_dir):` holds the directory for this job; entering raises RunDirBusyError if it is held."""
+  """`with RunDirLock(run_dir):` holds the directory for this job; entering raises RunDirBusyError if it is held.
+  A run.dir this lock created is removed again when the block fails before anything of value was written in it
+  (only SETUP_FILES, no checkpoint step): a rejected run leaves nothing behind."""
 
   def __init__(self, run_dir: str):
     self.run_dir = run_dir
     self.path = os.path.join(run_dir, LOCK_FILE)
     self._fd: Optional[int] = None
+    self._created = False
 
   def _try_acquire(self) -> Optional[str]:
     """None on success, else a description of the holder."""
+    self._created = not os.path.exists(self.run_dir)
     os.makedirs(self.run_dir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -74,9 +83,19 @@ class RunDirLock:
                             f"or choose another run.dir")
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
     if self._fd is not None:
+      if exc_type is not None and self._created and self._holds_nothing():
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # still locked: nobody else can have started in it
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
     return False
+
+  def _holds_nothing(self) -> bool:
+    try:
+      names = os.listdir(self.run_dir)
+      steps = os.listdir(os.path.join(self.run_dir, "checkpoints")) if "checkpoints" in names else []
+    except OSError:
+      return False
+    return set(names) <= set(SETUP_FILES) and not steps

@@ -20,8 +20,9 @@ from maxlm import model as model_lib
 from maxlm import plan, sharding
 from maxlm import state as state_lib
 from maxlm import step as step_lib
-from maxlm.config import Config, finalize, load_config, preset_names, profile_range, save_config
-from maxlm.errors import CheckpointError, ConfigError, cli_exit_code
+from maxlm.config import (Config, check_command_line_overrides, finalize, load_config, preset_names, profile_range,
+                          save_config)
+from maxlm.errors import CheckpointError, ConfigError, DataError, cli_exit_code
 
 
 def _prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
@@ -35,12 +36,16 @@ def _prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
     state_lib.inherit_architecture(cfg, source_cfg, cfg.checkpoint.init_from)
     _inherit_tokenizer(cfg, source_cfg, say)
     finalize(cfg, num_devices=jax.device_count())
-  info = data_pipelines.describe(cfg.data)
+  try:
+    info = data_pipelines.describe(cfg.data)
+  except DataError as e:  # name the keys that pointed there, and who set them
+    keys = ["data.source"] + [f"data.{k}" for k in ("path", "tokenizer") if getattr(cfg.data, k)]
+    raise DataError(f"{e} [{'; '.join(cfg.said(k) for k in keys)}]") from None
   if cfg.data.source == "pcfg":
     for note in data_pipelines.load_grammar(cfg.data.grammar).notes:
       say(f"maxlm: grammar {cfg.data.grammar}: {note}")
   if info.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {info.vocab_size} tokens but model.vocab_size = {cfg.model.vocab_size}; "
+    raise ConfigError(f"the tokenizer has {info.vocab_size} tokens but {cfg.said('model.vocab_size')}; "
                       f"set model.vocab_size >= {info.vocab_size}")
   if jax.process_index() == 0:
     save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -247,6 +252,7 @@ def main(argv=None) -> int:
   outcome = {}
 
   def body():
+    check_command_line_overrides(args.overrides)
     if argv is None:  # the process is this CLI: tune its allocator before jax creates the CPU client's threads
       host.tune_cpu_malloc()
     if args.distributed:

@@ -94,6 +94,8 @@ def test_cli_errors_exit_nonzero_without_traceback():
   assert out.returncode == 2 and "devices are present" in out.stderr
   out = _cli("--config=nosuch")
   assert out.returncode == 2 and "unknown preset 'nosuch'" in out.stderr
+  out = _cli("--config=demo", "train.steps=3", "train.steps=4", "--dry-run")
+  assert out.returncode == 2 and "train.steps is set twice on the command line" in out.stderr
 
 
 def test_dry_run_7b_on_this_machine():

@@ -66,6 +66,8 @@ def corpus(tmp_path_factory):
       if i == 10:
         f.write("{not json\n")                                  # malformed JSON
         f.write(json.dumps({"meta": {"pile_set_name": "Alpha"}}) + "\n")  # missing text
+        f.write(json.dumps({"text": None, "meta": {"pile_set_name": "Alpha"}}) + "\n")  # null text
+        f.write(json.dumps({"text": "x", "meta": {"pile_set_name": " "}}) + "\n")  # blank domain
         f.write("\n")                                           # blank line: not a record
   docs["a.jsonl"] = [(r["text"], r["meta"]["pile_set_name"]) for r in a]
   b = records("Gamma", 120)
@@ -85,9 +87,10 @@ def corpus(tmp_path_factory):
   d = records("Gamma", 60) + [{"text": None, "meta": {"pile_set_name": "Gamma"}}]
   pq.write_table(pa.Table.from_pylist(d), raw / "d.parquet")
   docs["d.parquet"] = [(r["text"], "Gamma") for r in d[:-1]]
-  bad = {"a.jsonl": {"malformed JSON": 1, "missing text field 'text'": 1},
+  bad = {"a.jsonl": {"malformed JSON": 1, "missing text field 'text'": 1, "text field 'text' is null": 1,
+                     "empty domain field 'meta.pile_set_name'": 1},
          "b.jsonl.gz": {"undecodable bytes (not UTF-8)": 3, "missing domain field 'meta.pile_set_name'": 1},
-         "c.jsonl.zst": {}, "d.parquet": {"missing text field 'text'": 1}}
+         "c.jsonl.zst": {}, "d.parquet": {"text field 'text' is null": 1}}
   return types.SimpleNamespace(root=root, raw=raw, word=str(root / "word.json"), bpe=str(root / "bpe.json"),
                                docs=docs, bad=bad)
 
@@ -497,7 +500,7 @@ def test_input_without_documents_is_an_error(corpus, tmp_path, capsys, kind, nam
     assert f"{n} {reason}" in msg
   if not bad:
     assert "empty: no records" in msg
-  assert not (out / "manifest.json").exists() and not (out / "_parts").exists()
+  assert not out.exists()  # "no token store was written": not even an empty directory
   args = ["prepare", "--input", str(path), "--tokenizer", corpus.word, "--output", str(out), "--quiet"]
   assert data_cli.main(args) == 2 and "gave no documents" in capsys.readouterr().err
   # Fixing the input and re-running the same command works: nothing stale was left behind.
@@ -505,6 +508,20 @@ def test_input_without_documents_is_an_error(corpus, tmp_path, capsys, kind, nam
   path.write_bytes(gzip.compress(line.encode()) if name.endswith(".gz") else line.encode())
   assert data_cli.main(args) == 0
   assert json.load(open(out / "manifest.json"))["totals"]["documents"] == 1
+
+
+def test_plain_text_is_one_document_per_file_or_per_line(corpus, tmp_path):
+  from maxlm.data_pipelines.token_store import TokenStore  # pylint: disable=import-outside-toplevel
+  (tmp_path / "a.txt").write_text("al1 al2\n\nbe1 be2 be3\nal3\n")
+  whole = prepare(str(tmp_path / "a.txt"), corpus.word, str(tmp_path / "file"), workers=1, progress=False)
+  lines = prepare(str(tmp_path / "a.txt"), corpus.word, str(tmp_path / "line"), workers=1, progress=False,
+                  text_lines=True)
+  assert whole["totals"]["documents"] == 1 and lines["totals"]["documents"] == 3
+  store = TokenStore(str(tmp_path / "line"))
+  sep = store.separator_id
+  ids = np.asarray(store.read("default", "train", 0, store.num_tokens("default")))
+  docs = [d for d in np.split(ids, np.flatnonzero(ids == sep) + 1) if len(d)]
+  assert [store.tokenizer().decode(d[:-1]).split() for d in docs] == [["al1", "al2"], ["be1", "be2", "be3"], ["al3"]]
 
 
 def test_one_empty_file_among_others_is_a_warning(corpus, tmp_path, capsys):

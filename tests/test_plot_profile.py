@@ -58,6 +58,9 @@ def test_plot_cli_and_its_errors(runs, tmp_path, capsys):
   assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}" and (tmp_path / "curves.png").is_file()
   assert plot.main([runs[0], "--output", str(tmp_path / "bare")]) == 0
   assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'bare.png'}" and (tmp_path / "bare.png").is_file()
+  new_dir = os.path.join(tmp_path, "plots", "")  # a directory that does not exist yet, named with a trailing slash
+  assert plot.main([runs[0], "--output", new_dir]) == 0
+  assert capsys.readouterr().out.strip() == f"wrote {new_dir}curves.png" and os.listdir(new_dir) == ["curves.png"]
 
 
 def test_profile_steps_write_a_trace(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from maxlm import checkpoint, convert, model, train
 from maxlm.config import load_config
-from maxlm.errors import CheckpointError, ConfigError, ConversionError, TrainingDivergedError
+from maxlm.errors import CheckpointError, ConfigError, ConversionError, DataError, TrainingDivergedError
 from maxlm.metrics_log import read_metrics
 from maxlm.rundir import RunDirBusyError, RunDirLock
 
@@ -261,6 +261,12 @@ def test_a_rejected_run_does_not_touch_run_dir_config(tmp_path):
   with pytest.raises(ConfigError, match="set model.vocab_size >="):
     run(run_dir, 2, "model.vocab_size=100")
   assert (run_dir / "config.yaml").read_text() == saved
+  # A new run.dir that a rejected run created (its lock) is gone again; a data error names the keys behind it.
+  with pytest.raises(ConfigError, match=r"model.vocab_size = 100 \(from override 'model.vocab_size=100'\)"):
+    run(tmp_path / "new", 2, "model.vocab_size=100")
+  with pytest.raises(DataError, match=r"no token store.*data.path = .*nowhere.* \(from override"):
+    run(tmp_path / "new", 2, "data.source=store", f"data.path={tmp_path / 'nowhere'}")
+  assert not (tmp_path / "new").exists()
 
 
 def test_sigkill_then_resume_loses_no_logged_step_in_jsonl_or_tensorboard(tmp_path):

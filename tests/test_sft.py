@@ -265,3 +265,19 @@ def test_emo_sft_demo_takes_model_and_tokenizer_from_the_import(imported, tmp_pa
   with pytest.raises(CheckpointError, match=r"model.hidden = 64 \(from override 'model.hidden=64'\) contradicts "
                                             r"the source's model.hidden = 32"):
     train.train(load_config("emo_sft_demo", overrides + ["model.hidden=64"]), verbose=False)
+
+
+def test_chat_templates_render_in_a_fresh_interpreter():
+  """jinja2.ext is not loaded by `import jinja2`: the renderer must import it (it did only when something else had)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys\n"
+          "from maxlm.data_pipelines import sft\n"
+          "assert 'jinja2.ext' not in sys.modules or print('preloaded')\n"
+          "render = sft._chat_renderer('{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+          "<{{ m.role }}>{{ m.content }}{% endfor %}', {})\n"
+          "print(render([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'},"
+          " {'role': 'user', 'content': 'x'}], False))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "<user>hi<assistant>yo"
