@@ -265,12 +265,13 @@ def loss_phase(out_dir, smoke, deadline):
 def train_command(run_dir: pathlib.Path, smoke: bool) -> list[str]:
   cfg = SMOKE if smoke else FULL
   cmd = [sys.executable, "-m", "maxlm.train", "--config=mile_468m", "data.source=pcfg",
-         f"train.steps={cfg['train_steps']}", f"train.global_batch={cfg['train_batch']}", "run.log_every=5",
+         f"train.steps={cfg['train_steps']}", f"train.global_batch={cfg['train_batch']}",
+         f"run.log_every={1 if smoke else 5}",
          f"run.dir={run_dir}", "run.tensorboard=false", "run.progress=false", "run.eval_batches=1",
          "checkpoint.enabled=false", "optim.warmup_steps=10"]
   if smoke:  # the preset's structure at toy size; XLA attention (no cuDNN on a CPU)
     cmd += ["model.layers=1", "model.hidden=64", "model.heads=2", "model.ffn=128", "model.vocab_size=512",
-            "train.seq_len=64", "model.attention=xla", "run.log_every=1"]
+            "train.seq_len=64", "model.attention=xla"]
   else:
     cmd += ["model.attention=cudnn"]
   return cmd

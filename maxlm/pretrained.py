@@ -93,9 +93,11 @@ class TextCodec:
   before: list[int] = dataclasses.field(default_factory=list)
   after: list[int] = dataclasses.field(default_factory=list)
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    """transformers' `tokenizer(text)["input_ids"]` for each text: its ids inside the tokenizer's special tokens."""
-    return [self.before + list(ids) + self.after for ids in self.encode_text(texts)]
+  def encode_batch(self, texts: list[str], max_length: Optional[int] = None) -> list[list[int]]:
+    """transformers' `tokenizer(text)["input_ids"]` for each text: its ids inside the tokenizer's special tokens;
+    with `max_length`, truncated as `truncation=True` does (the text is cut, the special tokens kept)."""
+    room = None if max_length is None else max(max_length - len(self.before) - len(self.after), 0)
+    return [(self.before + list(ids)[:room] + self.after)[:max_length] for ids in self.encode_text(texts)]
 
   def encode_prompts(self, texts: list[str]) -> list[list[int]]:
     """The prefix a text's continuation follows: the leading special tokens and the text (no trailing ones)."""
@@ -136,8 +138,11 @@ def document_rows(path: str, codec: Optional[TextCodec], *, seq_len: int, max_do
   texts = [i for i, d in enumerate(docs) if isinstance(d, str)]
   if texts and codec is None:
     raise DataError(f"{path} holds text, but this checkpoint has no tokenizer; give token ids (an 'ids' field)")
-  encode = (codec.encode_batch if special_tokens else codec.encode_text) if texts else None
-  encoded = dict(zip(texts, encode([docs[i] for i in texts]))) if texts else {}
+  if texts:
+    chosen = [docs[i] for i in texts]
+    encoded = dict(zip(texts, codec.encode_batch(chosen, seq_len) if special_tokens else codec.encode_text(chosen)))
+  else:
+    encoded = {}
   pad = codec.pad_id if codec is not None else pad_id
   ids = np.full((len(docs), seq_len), pad, np.int32)
   mask = np.zeros((len(docs), seq_len), np.int32)

@@ -34,7 +34,8 @@ def run(run_dir, steps, *extra):
 
 
 def cli(*args, env=None, **kw):
-  return subprocess.Popen([sys.executable, "-m", "maxlm.train", "--config=demo", *TINY, *args],
+  overrides = {a.split("=", 1)[0]: a for a in TINY + list(args)}  # the CLI refuses a key given twice
+  return subprocess.Popen([sys.executable, "-m", "maxlm.train", "--config=demo", *overrides.values()],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), **kw)
 

@@ -111,3 +111,12 @@ def test_analysis_rows_are_transformers_input_ids(tmp_path, hf_with_bos):
   for text, ids, mask in zip(TEXTS, rows.ids, rows.mask):
     want = tok(text)["input_ids"]
     assert ids[:mask.sum()].tolist() == want and mask.sum() == len(want)
+
+
+def test_rows_are_truncated_as_transformers_truncates(tmp_path):
+  """`tokenizer(text, max_length=n, truncation=True)` cuts the text and keeps the special tokens around it."""
+  d = bpe_dir(tmp_path / "tok", "<s> $A </s>")
+  tok = transformers.AutoTokenizer.from_pretrained(d)
+  codec = pretrained.TextCodec(TextTokenizer(os.path.join(d, "tokenizer.json")).encode_batch, str, 2, 0, [1], [2])
+  for n in (3, 6, 40):
+    assert codec.encode_batch(TEXTS, n) == [tok(t, max_length=n, truncation=True)["input_ids"] for t in TEXTS]
