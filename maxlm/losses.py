@@ -193,7 +193,9 @@ def combine(objective: str, stats: dict[str, jax.Array], *, psum_axes=None, **kw
   positions, the alpha mean) is psum'd over them, for token-sharded stats inside shard_map.
   MiLe reduction="reference": alpha and the final mean run over ALL positions with CE = 0 at
   ignored ones (the entropy floor was applied by token_stats).
-  Metrics (fp32 scalars, no gradient): ce, entropy (means over valid tokens), n_valid (M), plus
+  Metrics (fp32 scalars, no gradient): ce, entropy (means over valid tokens), n_valid (M), loss_denominator (the
+  loss is a sum over tokens divided by this stop-gradient total: M, or sum(w) for mile/focal; parts of one batch
+  combine exactly as sum(loss_i * d_i) / sum(d_i)), plus
   weight_mean (the mean of w that alpha divides by) for mile/focal and emo (mean valid emo cost,
   without the gt_trick term) for emo. All labels ignored: loss 0, finite gradients.
   """
@@ -204,6 +206,7 @@ def combine(objective: str, stats: dict[str, jax.Array], *, psum_axes=None, **kw
       f"combine({objective!r}) needs stats {missing}; emo needs token_stats(..., cost_embedding=...)")
   t = _Tokens.of(stats, psum_axes)
   loss, extra = _FORMULAS[objective](objective, t, stats, opts)
+  extra.setdefault("loss_denominator", t.n_valid)
   metrics = {"ce": t.valid_mean(t.ce), "entropy": t.valid_mean(t.entropy), "n_valid": t.n_valid, **extra}
   metrics = jax.lax.stop_gradient({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
   return loss.astype(jnp.float32), metrics
@@ -269,13 +272,14 @@ def _weighted_ce(objective, t: _Tokens, stats, opts):
     w = jnp.maximum(1.0 - t.p_y, 0.0) ** opts["gamma"]
   w = jax.lax.stop_gradient(w)
   if objective == "mile" and opts["reduction"] == "reference":
-    n_all = t.sum(jnp.ones_like(t.mask))
-    alpha_w, w_mean = t.normalised(w, n_all, jnp.ones_like(t.valid))
-    loss = t.sum(alpha_w * t.ce) / jnp.maximum(n_all, 1.0)
+    count = t.sum(jnp.ones_like(t.mask))
+    alpha_w, w_mean = t.normalised(w, count, jnp.ones_like(t.valid))
   else:
-    alpha_w, w_mean = t.normalised(w, t.n_valid, t.valid)
-    loss = t.sum(alpha_w * t.ce) / jnp.maximum(t.n_valid, 1.0)
-  return loss, {"weight_mean": w_mean}
+    count = t.n_valid
+    alpha_w, w_mean = t.normalised(w, count, t.valid)
+  loss = t.sum(alpha_w * t.ce) / jnp.maximum(count, 1.0)
+  # loss = sum(w CE) / sum(w): sum(w) is what a batch split into parts weighs each part's loss by.
+  return loss, {"weight_mean": w_mean, "loss_denominator": w_mean * count}
 
 
 def _emo(objective, t: _Tokens, stats, opts):

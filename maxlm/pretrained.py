@@ -99,10 +99,6 @@ class TextCodec:
     room = None if max_length is None else max(max_length - len(self.before) - len(self.after), 0)
     return [(self.before + list(ids)[:room] + self.after)[:max_length] for ids in self.encode_text(texts)]
 
-  def encode_prompts(self, texts: list[str]) -> list[list[int]]:
-    """The prefix a text's continuation follows: the leading special tokens and the text (no trailing ones)."""
-    return [self.before + list(ids) for ids in self.encode_text(texts)]
-
 
 def text_codec(cfg: Config) -> TextCodec:
   """The model's tokenizer (data.tokenizer, the token store's, or the PCFG's). EOS and pad are the tokens its

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import numpy as np
@@ -31,12 +31,8 @@ class ProbeSet:
 
 
 def build_probe_sets(groups: dict[str, list[dict]], encode_batch: Callable[[list[str]], list[list[int]]], *,
-                     mode: str, encode_prompts: Optional[Callable[[list[str]], list[list[int]]]] = None
-                     ) -> list[ProbeSet]:
-  """One ProbeSet per (group, kind) from fictional-knowledge items (`groups`: {"paraphrase": items, ...}).
-  `encode_batch` encodes a whole probe, `encode_prompts` (default: the same) its input part, whose length is where
-  the target starts (a codec's encode_prompts leaves out special tokens a tokenizer appends after a text)."""
-  encode_prompts = encode_prompts or encode_batch
+                     mode: str) -> list[ProbeSet]:
+  """One ProbeSet per (group, kind) from fictional-knowledge items (`groups`: {"paraphrase": items, ...})."""
   from maxlm.data_pipelines.knowledge_injection import PROBE_FIELDS  # pylint: disable=import-outside-toplevel
   sets = []
   for group, items in groups.items():
@@ -51,7 +47,7 @@ def build_probe_sets(groups: dict[str, list[dict]], encode_batch: Callable[[list
           n = KE_PROBES_PER_ITEM
         pairs += [(item[input_key][j], item[target_key][j], i) for j in range(n)]
       full = encode_batch([f"{a} {b}" for a, b, _ in pairs])
-      prompts = encode_prompts([a for a, _, _ in pairs])
+      prompts = encode_batch([a for a, _, _ in pairs])
       for (_, _, i), seq, prompt in zip(pairs, full, prompts):
         if len(seq) - max(len(prompt), 1) <= 0:
           raise DataError(f"a {kind} probe of {group} item {i} has no target tokens after its {input_key}; give it "
@@ -115,13 +111,13 @@ def wanted(cfg) -> bool:
   return bool(cfg.inject.paraphrase_file or cfg.inject.once_file)
 
 
-def load_probe_sets(cfg, encode_batch, encode_prompts=None) -> list[ProbeSet]:
+def load_probe_sets(cfg, encode_batch) -> list[ProbeSet]:
   from maxlm.data_pipelines import knowledge_injection as ki  # pylint: disable=import-outside-toplevel
   groups = {}
   for group, path in (("paraphrase", cfg.inject.paraphrase_file), ("once", cfg.inject.once_file)):
     if path:
       groups[group] = ki.load_items(path, key=ki.FILE_KEYS[group])
-  return build_probe_sets(groups, encode_batch, mode=cfg.inject.probe_mode, encode_prompts=encode_prompts)
+  return build_probe_sets(groups, encode_batch, mode=cfg.inject.probe_mode)
 
 
 def make_probe_ce(lay):
@@ -145,7 +141,8 @@ class ProbeHook(Hook):
     from maxlm.state import put_host  # pylint: disable=import-outside-toplevel
     codec = pretrained.text_codec(cfg)
     self.cfg, self.pad_id = cfg, codec.pad_id
-    self.sets = load_probe_sets(cfg, codec.encode_batch, codec.encode_prompts)
+    # As KE: probes are text without the tokenizer's special tokens, like the paragraphs injected in training.
+    self.sets = load_probe_sets(cfg, codec.encode_text)
     self.length = padded_length(self.sets, cfg.model.max_positions)
     self.ce_step = make_probe_ce(lay)
     replicated = sharding.replicated(lay.mesh)

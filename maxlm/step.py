@@ -16,6 +16,9 @@ from maxlm.config import Config
 from maxlm.state import StateLayout
 
 BATCH_KEYS = ("inputs", "targets")
+# Objective-specific metrics a training step logs beside loss / ce / entropy: EMO's mean transport cost, the mean
+# MiLe / focal weight (what alpha divides by).
+LOGGED_OBJECTIVE_METRICS = ("emo", "weight_mean")
 
 
 def loss_kwargs(cfg: Config) -> dict:
@@ -58,9 +61,16 @@ def batch_shardings(cfg: Config, mesh) -> dict:
   return {k: sharding.batch_sharding(mesh) for k in keys}
 
 
+# Metrics of microbatches that add up; the others are means over valid tokens, combined weighted by n_valid.
+_SUMMED_METRICS = ("n_valid", "loss_denominator")
+
+
 def _microbatched(grad_fn, n_micro: int, params, frozen, batch, rng):
-  """Mean loss, metrics and grads over n_micro microbatches; microbatch j takes rows j, j + n, ... so every
-  device keeps an equal share of each, and its own dropout key fold_in(rng, j)."""
+  """Loss, metrics and grads of the whole batch from n_micro microbatches; microbatch j takes rows j, j + n, ... so
+  every device keeps an equal share of each, and its own dropout key fold_in(rng, j). Every objective is a token sum
+  over a stop-gradient denominator (losses.combine's loss_denominator: M, or MiLe's sum of weights), so the parts
+  combine exactly: loss = sum(loss_j d_j) / sum(d_j), the same for the gradients (DESIGN: global-batch reductions;
+  EMO's clamped ratios are per token and need nothing more)."""
   if n_micro == 1:
     return grad_fn(params, frozen, batch, rng)
   micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]), 0, 1), batch)
@@ -68,13 +78,18 @@ def _microbatched(grad_fn, n_micro: int, params, frozen, batch, rng):
   def accumulate(carry, j_mb):
     j, mb = j_mb
     (loss, metrics), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, j))
-    return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+    d, n = metrics["loss_denominator"], metrics["n_valid"]
+    metrics = {k: v if k in _SUMMED_METRICS else v * n for k, v in metrics.items()}
+    return jax.tree.map(jnp.add, carry, (loss * d, metrics, jax.tree.map(lambda g: g * d, grads))), None
 
   shapes = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
   zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), (shapes[0][0], shapes[0][1], shapes[1]))
   (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(n_micro), micro))
-  loss, metrics, grads = jax.tree.map(lambda x: x / n_micro, (loss, metrics, grads))
-  return (loss, metrics), grads
+  d = jnp.maximum(metrics["loss_denominator"], jnp.finfo(jnp.float32).tiny)
+  n = jnp.maximum(metrics["n_valid"], 1.0)
+  metrics = {k: v if k in _SUMMED_METRICS else v / n for k, v in metrics.items()}
+  grads = jax.tree.map(lambda g, like: (g / d).astype(like.dtype), grads, shapes[1])
+  return (loss / d, metrics), grads
 
 
 def make_train_step(lay: StateLayout):
@@ -104,6 +119,7 @@ def make_train_step(lay: StateLayout):
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     out = {"loss": loss, "ce": metrics["ce"], "entropy": metrics["entropy"], "grad_norm": grad_norm,
            "lr": lay.schedule(state["step"])}
+    out.update({k: metrics[k] for k in LOGGED_OBJECTIVE_METRICS if k in metrics})
     return new_state, out
 
   shardings = batch_shardings(cfg, mesh)

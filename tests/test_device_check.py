@@ -44,7 +44,8 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert r["ms"] > 0 and r["tflops_8NdV"] >= 0 and r["temp_mib"] >= 0, r
   assert any(r["objective"] == "emo" and "tflops_with_similarity" in r for r in timed)
   (train,) = by_step(rows, "train")
-  assert train["rc"] == 0 and 0 < train["mfu"] < 1 and train["tokens_per_sec"] > 0, train
+  # MFU > 0 only: on a CPU the peak is a matmul measured at start, which a loaded machine measures low.
+  assert train["rc"] == 0 and train["mfu"] > 0 and train["tokens_per_sec"] > 0, train
   (summary,) = by_step(rows, "summary")
   assert summary["correctness_failures"] == [] and set(summary["per_impl"]) == IMPLS
 

@@ -53,15 +53,20 @@ def _one_step(overrides, batch):
   return float(metrics["loss"]), jax.device_get(state["params"])
 
 
-def test_gradient_accumulation_equals_the_full_batch(tiny_overrides):
+@pytest.mark.parametrize("objective", [["loss.objective=ce"], ["loss.objective=mile", "loss.gamma=2.0"],
+                                       ["loss.objective=mile", "loss.reduction=reference"],
+                                       ["loss.objective=emo"]], ids=lambda o: "-".join(o))
+def test_gradient_accumulation_equals_the_full_batch(tiny_overrides, objective):
+  """DESIGN section 4: reductions (M, MiLe's alpha) are over the global batch, however it is split into microbatches."""
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 384, size=(8, 17)).astype(np.int32)
   targets = tokens[:, 1:].copy()
-  targets[:, :3] = -100  # unequal valid counts across rows must not matter for CE
+  for row in range(8):
+    targets[row, :2 * row] = -100  # microbatches with unequal valid counts: a mean of their means would be wrong
   batch = {"inputs": tokens[:, :-1], "targets": targets}
   # A large Adam eps keeps the update linear in the gradient, so the comparison tests the gradients, not Adam's
   # amplification of rounding in near-zero gradients.
-  common = tiny_overrides + ["loss.objective=ce", "optim.eps=1.0", "optim.lr=1.0"]
+  common = tiny_overrides + objective + ["optim.eps=1.0", "optim.lr=1.0"]
   loss1, p1 = _one_step(common + ["train.microbatches=1"], batch)
   loss4, p4 = _one_step(common + ["train.microbatches=4"], batch)
   assert abs(loss1 - loss4) < 1e-5
