@@ -23,6 +23,7 @@ from maxlm.frozen import TRAINED_KEYS
 
 CHECKPOINTS = "checkpoints"
 SET_ASIDE = "checkpoints.unreadable"  # unreadable steps moved out of the way on resume (never deleted)
+SUPERSEDED = "checkpoints.superseded"  # steps newer than an explicit checkpoint.resume_step (never deleted)
 FORMAT = 2
 
 
@@ -361,7 +362,12 @@ class Checkpointer:
     """(step, state, data state) of `step`, or of the newest READABLE step: an unreadable step is moved aside to
     RUN_DIR/checkpoints.unreadable/ (kept, never deleted), said, and the next older step tried."""
     if step is not None:
-      return step, *self.restore(abstract_state, step)
+      restored = self.restore(abstract_state, step)
+      for later in [s for s in self.steps() if s > step]:
+        # Steps past the chosen one belong to the trajectory this resume abandons: kept, but never resumed from.
+        moved = self.set_aside(later, SUPERSEDED)
+        log(f"maxlm: step {later} is newer than checkpoint.resume_step={step}; moved it aside to {moved}")
+      return step, *restored
     for candidate in reversed(self.steps()):
       try:
         return candidate, *self.restore(abstract_state, candidate)
@@ -372,9 +378,11 @@ class Checkpointer:
                           f"{os.path.join(os.path.dirname(self.directory), SET_ASIDE)}); start afresh in another "
                           "run.dir or restore the files")
 
-  def set_aside(self, step: int) -> str:
-    """Moves a step's directory to RUN_DIR/checkpoints.unreadable/STEP-TIME (process 0; all processes wait)."""
-    target = os.path.join(os.path.dirname(self.directory), SET_ASIDE, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  def set_aside(self, step: int, folder: str = "") -> str:
+    """Moves a step's directory to RUN_DIR/FOLDER/STEP-TIME (default checkpoints.unreadable; process 0 moves, all
+    processes wait)."""
+    target = os.path.join(os.path.dirname(self.directory), folder or SET_ASIDE,
+                          f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), target)

@@ -282,6 +282,8 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     if value is None and type(None) in args:
       return None
     hint = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and hint is not str:
+      raise ConfigError(f"{key} = {value!r} (from {origin}): to unset it write null (YAML's None), e.g. {key}=null")
   if typing.get_origin(hint) is Literal:
     allowed = typing.get_args(hint)
     if value in allowed and type(value) in {type(a) for a in allowed}:
@@ -351,6 +353,11 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
     target[parts[-1]] = value
     return
   setattr(section, parts[1], _coerce(value, hint, dotted, origin))
+
+
+def set_value(cfg: Config, key: str, value: Any, origin: str) -> None:
+  """Sets `key` ("section.name") as a file or override would, recording `origin` for error messages."""
+  _set(cfg, key, value, origin)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -484,8 +491,10 @@ def _check_model(cfg: Config) -> None:
   if cfg.kv_heads <= 0 or m.heads % cfg.kv_heads:
     raise ConfigError(f"{cfg.said('model.heads')} must be a multiple of {cfg.said('model.kv_heads')}")
   if t.seq_len > m.max_positions:
-    raise ConfigError(f"{cfg.said('train.seq_len')} exceeds {cfg.said('model.max_positions')}; "
-                      f"lower train.seq_len or raise model.max_positions")
+    fixed = cfg.origin("model.max_positions").startswith("checkpoint.init_from")
+    raise ConfigError(f"{cfg.said('train.seq_len')} exceeds {cfg.said('model.max_positions')}; lower "
+                      + (f"train.seq_len to at most {m.max_positions} (the source model's context is fixed)" if fixed
+                         else "train.seq_len or raise model.max_positions"))
   if t.global_batch % t.microbatches:
     raise ConfigError(f"{cfg.said('train.global_batch')} is not divisible by {cfg.said('train.microbatches')}")
 
@@ -494,6 +503,12 @@ def _check_features(cfg: Config) -> None:
   """Combinations of the loss, run, LoRA and injection sections."""
   if cfg.loss.objective == "emo" and cfg.loss.cost_embedding == "file" and not cfg.loss.cost_embedding_file:
     raise ConfigError("loss.cost_embedding = 'file' needs loss.cost_embedding_file = path/to/embedding.npy (V x dE)")
+  if cfg.loss.cost_embedding_file and (cfg.loss.objective != "emo" or cfg.loss.cost_embedding != "file"):
+    raise ConfigError(f"{cfg.said('loss.cost_embedding_file')} is used only with loss.objective=emo and "
+                      f"loss.cost_embedding=file ({cfg.said('loss.objective')}, {cfg.said('loss.cost_embedding')}): "
+                      "set those, or drop the file")
+  if cfg.loss.emo_clamp is not None and not cfg.loss.emo_clamp > 0:
+    raise ConfigError(f"{cfg.said('loss.emo_clamp')} must be > 0, or null for no clamp (EMOLoss 0.0.1)")
   if cfg.loss.ignore_index != -100:
     raise ConfigError(f"loss.ignore_index = {cfg.loss.ignore_index}: maxlm's data pipelines mark positions without a "
                       f"target with -100, so the loss must ignore -100; remove the override")

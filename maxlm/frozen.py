@@ -62,18 +62,44 @@ def emo_cost_embedding(cfg: Config) -> list[FrozenEntry]:
   path = loss.cost_embedding_file
   shape = cost_embedding_file_shape(path, vocab)
   return [FrozenEntry("cost_embedding", jax.ShapeDtypeStruct(shape, jnp.float32), ("vocab", None),
-                      from_host=lambda: np.load(path).astype(np.float32), source=os.path.abspath(path))]
+                      from_host=lambda: read_cost_embedding(path), source=os.path.abspath(path))]
 
 
-def cost_embedding_file_shape(path: str, vocab: int) -> tuple[int, int]:
+def _open_cost_embedding(path: str) -> np.ndarray:
+  """The (memory-mapped) array of a cost-embedding file, or a ConfigError that says what the file is instead."""
   if not os.path.exists(path):
     raise ConfigError(f"loss.cost_embedding_file = {path!r} does not exist{resolved_from(path)}; point it at a "
                       "(vocab, dim) .npy array")
-  shape = np.load(path, mmap_mode="r").shape
+  try:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ConfigError(f"loss.cost_embedding_file = {path!r} is not a readable .npy array ({e}); save the (vocab, "
+                      "dim) matrix with numpy.save") from None
+  if not isinstance(array, np.ndarray):  # an .npz archive
+    raise ConfigError(f"loss.cost_embedding_file = {path!r} is an .npz archive; save the one (vocab, dim) matrix "
+                      "with numpy.save as .npy")
+  if not np.issubdtype(array.dtype, np.floating):
+    raise ConfigError(f"cost embedding {path} holds {array.dtype} values; it must be a float (vocab, dim) matrix")
+  return array
+
+
+def cost_embedding_file_shape(path: str, vocab: int) -> tuple[int, int]:
+  shape = _open_cost_embedding(path).shape
   if len(shape) != 2 or shape[0] != vocab:
     raise ConfigError(f"cost embedding {path} has shape {shape}; it must be (model.vocab_size = "
                       f"{vocab}, dim): take it from a model with the same tokenizer")
   return shape
+
+
+def read_cost_embedding(path: str) -> np.ndarray:
+  """A cost-embedding file as float32; NaN or Inf in it is a ConfigError (training would stop at step 1 with a
+  non-finite loss, blaming the learning rate)."""
+  array = np.asarray(_open_cost_embedding(path), np.float32)
+  bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+  if bad.size:
+    raise ConfigError(f"cost embedding {path}: {bad.size} row(s) hold NaN or Inf (the first is row {int(bad[0])}); "
+                      "fix or regenerate the file")
+  return array
 
 
 def lora_base(cfg: Config) -> list[FrozenEntry]:

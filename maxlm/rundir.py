@@ -46,11 +46,14 @@ class RunDirLock:
     self.run_dir = run_dir
     self.path = os.path.join(run_dir, LOCK_FILE)
     self._fd: Optional[int] = None
-    self._created = False
+    self._created: Optional[str] = None
 
   def _try_acquire(self) -> Optional[str]:
     """None on success, else a description of the holder."""
-    self._created = not os.path.exists(self.run_dir)
+    self._created = None  # the outermost directory this lock makes, if any (run.dir or one of its parents)
+    path = os.path.abspath(self.run_dir)
+    while not os.path.exists(path):
+      self._created, path = path, os.path.dirname(path)
     os.makedirs(self.run_dir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -87,6 +90,10 @@ class RunDirLock:
     if self._fd is not None:
       if exc_type is not None and self._created and self._holds_nothing():
         shutil.rmtree(self.run_dir, ignore_errors=True)  # still locked: nobody else can have started in it
+        parent = os.path.dirname(os.path.abspath(self.run_dir))
+        while len(parent) >= len(self._created) and os.path.isdir(parent) and not os.listdir(parent):
+          os.rmdir(parent)  # the parents this lock made, while nothing else is in them
+          parent = os.path.dirname(parent)
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None

@@ -16,7 +16,7 @@ import optax
 from maxlm import frozen as frozen_lib
 from maxlm import model as model_lib
 from maxlm import optim, sharding
-from maxlm.config import Config
+from maxlm.config import Config, set_value
 from maxlm.errors import CheckpointError
 
 # Model-section keys that fix the architecture (and so must agree with a checkpoint given to init_from).
@@ -181,7 +181,7 @@ def inherit_architecture(cfg: Config, source: Config, where: str) -> None:
       continue
     origin = cfg.origin(f"model.{key}")
     if origin == "the defaults":
-      setattr(cfg.model, key, theirs)
+      set_value(cfg, f"model.{key}", theirs, f"checkpoint.init_from {where}")
     else:
       conflicts.append((key, mine, origin, theirs))
   if conflicts:

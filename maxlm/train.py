@@ -21,7 +21,7 @@ from maxlm import plan, sharding
 from maxlm import state as state_lib
 from maxlm import step as step_lib
 from maxlm.config import (Config, check_command_line_overrides, finalize, load_config, preset_names, profile_range,
-                          save_config)
+                          save_config, set_value)
 from maxlm.errors import CheckpointError, ConfigError, DataError, cli_exit_code
 
 
@@ -59,7 +59,7 @@ def _inherit_tokenizer(cfg: Config, source: Config, say) -> None:
     return
   kind, path = run_tokenizer(source.data)
   if kind == "file":
-    cfg.data.tokenizer = path
+    set_value(cfg, "data.tokenizer", path, f"checkpoint.init_from {cfg.checkpoint.init_from}")
     say(f"maxlm: data.tokenizer = {path} (the tokenizer of checkpoint.init_from)")
 
 
@@ -67,6 +67,7 @@ def _initial_state(cfg: Config, lay, checkpointer, data_it, say) -> tuple[dict, 
   """Resume from run.dir's newest readable checkpoint, else start from checkpoint.init_from, else a fresh init."""
   if checkpointer is not None and cfg.checkpoint.resume and checkpointer.steps():
     requested = cfg.checkpoint.resume_step if cfg.checkpoint.resume_step >= 0 else None
+    _check_same_cost_embedding(cfg, checkpointer, requested)
     step, state, data_state = checkpointer.restore_for_resume(lay.saved_abstract, requested, log=say)
     state = state_lib.rebuild_unsaved(lay, state)
     if data_state is not None:
@@ -85,6 +86,29 @@ def _initial_state(cfg: Config, lay, checkpointer, data_it, say) -> tuple[dict, 
     say(f"maxlm: initialised from {cfg.checkpoint.init_from}")
     return state, 0
   return state_lib.init_state(lay), 0
+
+
+def _check_same_cost_embedding(cfg: Config, checkpointer, step) -> None:
+  """A resume continues the run it finds, with the EMO cost embedding that run saved: asking for another source
+  would be silently ignored (or fail on shapes), so it is an error that says how to switch."""
+  try:
+    step = checkpointer.resolve_step(step)
+    saved = checkpointer.config(step)
+  except CheckpointError:
+    return  # an unreadable step: restore_for_resume sets it aside and says so
+  if cfg.loss.objective != "emo" or saved.loss.objective != "emo":
+    return
+  mine, theirs = cfg.loss, saved.loss
+  same_file = mine.cost_embedding_file == theirs.cost_embedding_file or (
+      os.path.isfile(mine.cost_embedding_file) and os.path.isfile(theirs.cost_embedding_file)
+      and os.path.samefile(mine.cost_embedding_file, theirs.cost_embedding_file))
+  if mine.cost_embedding != theirs.cost_embedding or not same_file:
+    raise CheckpointError(
+        f"{cfg.run.dir} (step {step}) was trained with loss.cost_embedding = {theirs.cost_embedding!r}"
+        f"{' from ' + theirs.cost_embedding_file if theirs.cost_embedding_file else ''}, and a resume keeps it; "
+        f"{cfg.said('loss.cost_embedding')}"
+        f"{', ' + cfg.said('loss.cost_embedding_file') if mine.cost_embedding_file else ''} asks for another. Drop "
+        f"those settings to resume, or start a new run.dir with checkpoint.init_from={cfg.run.dir}")
 
 
 def _compile(cfg: Config, lay, say):

@@ -186,6 +186,12 @@ def test_unreadable_latest_step_is_set_aside_and_the_previous_one_resumed(tmp_pa
   # An explicit step is honoured or refused, never silently replaced.
   with pytest.raises(CheckpointError, match="step 5 has no checkpoint"):
     run(run_dir, 8, "checkpoint.resume_step=5")
+  # Resuming from an older step abandons the newer ones: they are set aside, so a later crash cannot resume from them.
+  again = run(run_dir, 5, "checkpoint.every=2", "checkpoint.resume_step=2", "optim.schedule=constant")
+  assert again["start_step"] == 2 and again["losses"][3] == straight["losses"][3]
+  assert glob.glob(str(run_dir / "checkpoints.superseded" / "6-*"))
+  with checkpoint.open_checkpoints(str(run_dir)) as ckpt:
+    assert ckpt.steps() == [2, 4, 5]
 
 
 def test_missing_data_state_is_an_error_or_an_explicit_warned_restart(tmp_path):
@@ -264,7 +270,7 @@ def test_a_rejected_run_does_not_touch_run_dir_config(tmp_path):
   assert (run_dir / "config.yaml").read_text() == saved
   # A new run.dir that a rejected run created (its lock) is gone again; a data error names the keys behind it.
   with pytest.raises(ConfigError, match=r"model.vocab_size = 100 \(from override 'model.vocab_size=100'\)"):
-    run(tmp_path / "new", 2, "model.vocab_size=100")
+    run(tmp_path / "new" / "deeper", 2, "model.vocab_size=100")  # the parents it made go too
   with pytest.raises(DataError, match=r"no token store.*data.path = .*nowhere.* \(from override"):
     run(tmp_path / "new", 2, "data.source=store", f"data.path={tmp_path / 'nowhere'}")
   assert not (tmp_path / "new").exists()

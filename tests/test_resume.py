@@ -133,3 +133,27 @@ def test_init_from_an_emo_run_keeps_the_fixed_cost_embedding_sharded(tmp_path):
   summary = run(tmp_path / "emo", 1, f"checkpoint.init_from={tmp_path / 'base'}", "loss.objective=emo")
   _, params, _ = load_params(str(tmp_path / "base"))
   np.testing.assert_array_equal(np.asarray(summary["state"]["cost_embedding"]), np.asarray(params["lm_head"]).T)
+
+
+def test_cost_embedding_file_errors_and_a_resume_that_asks_for_another_source(tmp_path):
+  """A file cost embedding is read once, checked (not .npy, .npz, NaN: ConfigError with the fix) and saved; a
+  resume that names another source is refused instead of silently keeping the saved one."""
+  import numpy as np
+  from maxlm.errors import CheckpointError, ConfigError
+  emb = np.random.default_rng(0).normal(size=(384, 12)).astype(np.float32)
+  np.save(tmp_path / "emb.npy", emb)
+  emo = ["loss.objective=emo", "loss.cost_embedding=file", f"loss.cost_embedding_file={tmp_path / 'emb.npy'}"]
+  summary = run(tmp_path / "r", 2, *emo, "checkpoint.every=2")
+  np.testing.assert_array_equal(np.asarray(summary["state"]["cost_embedding"]), emb)
+  with pytest.raises(CheckpointError, match="trained with loss.cost_embedding = 'file'.*checkpoint.init_from="):
+    run(tmp_path / "r", 3, "loss.objective=emo")  # fixed, as base.yaml says: not what the run saved
+  np.savez(tmp_path / "emb.npz", emb=emb)
+  (tmp_path / "junk.npy").write_bytes(b"not an array")
+  nan = emb.copy()
+  nan[7, 3] = np.nan
+  np.save(tmp_path / "nan.npy", nan)
+  for name, message in (("emb.npz", "npz archive"), ("junk.npy", "not a readable .npy"), ("nan.npy", "row 7")):
+    with pytest.raises(ConfigError, match=message):
+      run(tmp_path / f"run_{name}", 1, *emo[:2], f"loss.cost_embedding_file={tmp_path / name}")
+  with pytest.raises(ConfigError, match="used only with loss.objective=emo and loss.cost_embedding=file"):
+    run(tmp_path / "x", 1, f"loss.cost_embedding_file={tmp_path / 'emb.npy'}")
