@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from maxlm.errors import cli_description
 
 
 def child_peak_rss(cmd: list[str]) -> tuple[float, float, str]:
@@ -78,7 +79,7 @@ def dir_bytes(path: str) -> int:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=cli_description(__doc__))
   p.add_argument("--config", default="mile_1b", help="preset whose model shapes to convert")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--workdir", default="/tmp/maxlm_convert_bench")

@@ -334,7 +334,7 @@ def summary(log):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
   parser.add_argument("--out", default=os.environ.get("OUT", "device_out"))
   parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, Pallas in interpret mode")
   parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 450 s, smoke 120 s)")

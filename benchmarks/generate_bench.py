@@ -20,6 +20,7 @@ from maxlm import checkpoint, convert
 from maxlm import generate as gen_lib
 from maxlm import model as model_lib
 from maxlm.config import load_config
+from maxlm.errors import cli_description
 
 SIZES = {
     "demo": [],
@@ -83,7 +84,7 @@ def measure(size: str, batch: int, prompt_len: int, new: int, repeats: int, root
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=cli_description(__doc__))
   p.add_argument("--sizes", default="demo,mid")
   p.add_argument("--batches", default="1,8")
   p.add_argument("--prompt-len", type=int, default=32)

@@ -25,6 +25,7 @@ from maxlm import evaluate, train
 from maxlm.analysis import hessian, probe, widen
 from maxlm.config import load_config
 from maxlm.data_pipelines import load_grammar, pcfg_tasks
+from maxlm.errors import cli_description
 
 MODEL = ["data.grammar=builtin:ib_demo", "model.vocab_size=128", "model.hidden=64", "model.layers=2", "model.heads=4",
          "model.ffn=192", "model.max_positions=64",
@@ -67,7 +68,7 @@ def measure(name: str, spec: str, paths: dict, args) -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=cli_description(__doc__))
   p.add_argument("--workdir", default="runs/implicit_bias")
   p.add_argument("--short-steps", type=int, default=300)
   p.add_argument("--long-steps", type=int, default=1200)

@@ -23,6 +23,7 @@ from maxlm.analysis import resuscitate as rs
 from maxlm.config import load_config
 from maxlm.data_pipelines import load_grammar
 from maxlm.metrics_log import read_metrics
+from maxlm.errors import cli_description
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWLEDGE = os.path.join(ROOT, "tests", "data", "knowledge")
@@ -58,7 +59,7 @@ def probe_table(run_dir: str) -> dict[int, dict]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=cli_description(__doc__))
   parser.add_argument("--out", default="runs/knowledge_dynamics")
   parser.add_argument("--overrides", nargs="*", default=[], help="key=value for both runs (e.g. train.steps=100)")
   parser.add_argument("--docs", type=int, default=64, help="documents for knowledge entropy")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxlm.kernels import fused_loss, tiling
+from maxlm.errors import cli_description
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -122,7 +123,7 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=cli_description(__doc__))
   parser.add_argument("--shapes", default="8192x1024x32000", help="comma-separated NxDxV")
   parser.add_argument("--impls", default="reference,blockwise",
                       help="comma-separated: reference, blockwise, blockwise:cpu|gpu|tpu (that plan), pallas")

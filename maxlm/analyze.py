@@ -9,12 +9,12 @@ import sys
 from typing import Optional
 
 from maxlm import host
-from maxlm.errors import cli_exit_code
+from maxlm.errors import cli_description, cli_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
   from maxlm import analysis  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog="python -m maxlm.analyze", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m maxlm.analyze", description=cli_description(__doc__))
   sub = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
   for name in analysis.TOOLS:
     importlib.import_module(f"maxlm.analysis.{name}").add_parser(sub)

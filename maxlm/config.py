@@ -355,6 +355,21 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
   setattr(section, parts[1], _coerce(value, hint, dotted, origin))
 
 
+# Config values that name local files or directories (the grammar: a path unless builtin:NAME, ib:PATH, maxlm:PATH).
+PATH_KEYS = ("data.path", "data.tokenizer", "data.index_file", "data.mixture", "data.grammar",
+             "loss.cost_embedding_file", "checkpoint.init_from", "inject.paraphrase_file", "inject.once_file")
+
+
+def absolute_paths(cfg: Config) -> None:
+  """Makes every existing local path of PATH_KEYS absolute, so the config a run saves reads the same files from any
+  working directory (evaluation, conversion and analysis of the run start elsewhere)."""
+  for key in PATH_KEYS:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value and "://" not in value and os.path.exists(value):
+      setattr(getattr(cfg, section), name, os.path.abspath(value))
+
+
 def set_value(cfg: Config, key: str, value: Any, origin: str) -> None:
   """Sets `key` ("section.name") as a file or override would, recording `origin` for error messages."""
   _set(cfg, key, value, origin)

@@ -17,7 +17,7 @@ import numpy as np
 from maxlm import checkpoint, hf_names
 from maxlm.config import Config, check_command_line_overrides, finalize, load_config
 from maxlm.data_pipelines.tokenization import carry_tokenizer, export_tokenizer, tokenizer_file_in
-from maxlm.errors import CheckpointError, ConversionError, DataError, cli_exit_code
+from maxlm.errors import CheckpointError, ConversionError, DataError, cli_description, cli_exit_code
 from maxlm.outputs import HF_EXPORT, HF_IMPORT, atomic_output
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -452,7 +452,7 @@ def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overri
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m maxlm.convert", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m maxlm.convert", description=cli_description(__doc__))
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("to-hf", help="maxlm checkpoint -> Hugging Face directory (config.json, safetensors, tokenizer)")
   p.add_argument("--checkpoint", required=True, help="run directory holding checkpoints/ (a training run, an import "

@@ -8,16 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maxlm.errors import cli_exit_code
+from maxlm.errors import cli_description, cli_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m maxlm.data", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m maxlm.data", description=cli_description(__doc__))
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("prepare", help="tokenize raw text (JSONL/.gz/.zst, Parquet, text) into a token store")
   p.add_argument("--input", required=True, action="append",
                  help="glob of input files (quote it); repeat for several globs")
-  p.add_argument("--tokenizer", required=True, help="local HF tokenizer.json or SentencePiece .model")
+  p.add_argument("--tokenizer", required=True, help="local HF tokenizer.json, SentencePiece .model, or a Hugging Face model directory "
+                                                      "holding one")
   p.add_argument("--output", required=True, help="store root: local path, gs://bucket/path or s3://bucket/path")
   p.add_argument("--domain-key", default="", help="field path of a record's domain, e.g. meta.pile_set_name")
   p.add_argument("--text-key", default="text", help="field path of a record's text (default: text)")

@@ -78,6 +78,11 @@ def quiet_library_tracebacks() -> None:
   sys.unraisablehook = _one_line_unraisable
 
 
+def cli_description(doc: str) -> str:
+  """A module docstring's first paragraph as one line: an argparse description that does not stop mid-sentence."""
+  return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def cli_exit_code(body: Callable[[], Any]) -> int:
   """Runs a CLI's body: 0 when it returns, 2 (after printing the message, no traceback) on a MaxlmError, 130 on
   Ctrl-C outside the training loop (which handles it itself)."""
@@ -92,4 +97,7 @@ def cli_exit_code(body: Callable[[], Any]) -> int:
     _close_progress_bars()
     print("\nmaxlm: interrupted", file=sys.stderr)
     return 130
+  except BrokenPipeError:  # stdout closed by its reader (`... | head`): what was read is all that was wanted
+    sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with  (the interpreter flushes it at exit)
+    return 0
   return 0

@@ -133,7 +133,16 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
     from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
     if not data:
       raise DataError("--format sft needs --data FILE (Alpaca JSON or chat JSONL)")
-    batches = sft.file_batches(cfg.data, data, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
+    data_cfg = cfg.data
+    if not data_cfg.tokenizer:  # a run trained on a token store: the store's tokenizer file
+      import dataclasses  # pylint: disable=import-outside-toplevel
+      from maxlm.data_pipelines.tokenization import run_tokenizer  # pylint: disable=import-outside-toplevel
+      kind, path = run_tokenizer(cfg.data)
+      if kind != "file":
+        raise DataError(f"--format sft needs the checkpoint's tokenizer file, and it has none "
+                        f"({path if kind is None else 'a PCFG word vocabulary'}); evaluate text instead")
+      data_cfg = dataclasses.replace(cfg.data, tokenizer=path)
+    batches = sft.file_batches(data_cfg, data, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
                                log=log)
   elif data and os.path.isfile(data):
     from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel
@@ -226,9 +235,14 @@ def harness(checkpoint_path: str, tasks: list[str], *, step: Optional[int] = Non
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise MaxlmError(f"unknown lm-eval task(s) {', '.join(unknown)}; pass --include-path DIR for local YAML tasks")
-  results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": hf_dir, "dtype": dtype},
-                                    tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, device=device,
-                                    limit=limit, task_manager=manager, log_samples=False)
+  try:
+    results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": hf_dir, "dtype": dtype},
+                                      tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, device=device,
+                                      limit=limit, task_manager=manager, log_samples=False)
+  except (ConnectionError, OSError) as e:  # the datasets library on a machine without the task's data or network
+    raise DataError(f"lm-evaluation-harness could not load the data of {', '.join(tasks)}: {e}. Fetch the datasets "
+                    "into the Hugging Face cache where a network is available (HF_DATASETS_CACHE), or write a local "
+                    "task (a YAML with dataset_path: json and local data_files) and pass --include-path") from None
   if results is None:  # non-primary ranks of a distributed harness run
     return {}
   summary = {"checkpoint": os.path.abspath(path), "step": step, "hf_dir": hf_dir, "tasks": tasks,
@@ -263,7 +277,8 @@ def _harness_parser() -> argparse.ArgumentParser:
   p.add_argument("--device", default="cpu", help="torch device for lm-eval's hf model (cpu, cuda, cuda:0, ...)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the export and run")
   p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
-  p.add_argument("--output", default=None, help="results JSON (default: RUN_DIR/eval/harness_stepN_TASKS.json)")
+  p.add_argument("--output", default=None, help="results JSON (default: RUN_DIR/eval/harness_stepN_TASKS.json; for an HF directory "
+                                                   "harness_NAME_TASKS.json in the working directory)")
   return p
 
 
@@ -283,7 +298,8 @@ def _loss_parser() -> argparse.ArgumentParser:
                                                    "meta.pile_set_name)")
   p.add_argument("--format", default="text", choices=["text", "sft"], dest="data_format",
                  help="sft: --data is instruction data (Alpaca JSON or chat JSONL), CE on response tokens only")
-  p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/...)")
+  p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/loss_stepN_DATA.json; for an HF directory "
+                                                   "loss_NAME_DATA.json in the working directory)")
   return p
 
 

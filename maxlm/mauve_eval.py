@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from maxlm.errors import DataError, MaxlmError, cli_exit_code
+from maxlm.errors import DataError, MaxlmError, cli_description, cli_exit_code
 
 FEATURIZE_BATCH = 16
 # As EMO's test_utils.test_batch: texts are prefix + continuation on both sides, and continuations have exactly the
@@ -173,7 +173,7 @@ def _write(output: str, report: dict, conts: Continuations, human_texts, model_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m maxlm.evaluate mauve", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m maxlm.evaluate mauve", description=cli_description(__doc__))
   p.add_argument("--checkpoint", required=True, help="run directory, RUN@STEP or Hugging Face model directory")
   p.add_argument("--data", required=True, help="held-out documents: JSONL (text or ids) or plain text, one per line")
   p.add_argument("--prefix-tokens", type=int, required=True, help="tokens of each document given to the model")

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Optional
 
-from maxlm.errors import DataError, cli_exit_code
+from maxlm.errors import DataError, cli_description, cli_exit_code
 from maxlm.metrics_log import read_metrics
 
 DEFAULT_METRICS = ("ce", "eval/uniform_avg")
@@ -90,6 +90,9 @@ def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DE
   if not any(drawn[m] for m in metrics):
     plt.close(fig)
     raise DataError(f"none of the runs logged {', '.join(metrics)}; pick metrics from their metrics.jsonl")
+  for m in metrics:
+    if not drawn[m]:
+      print(f"maxlm: warning: no run logged {m!r}; its panel is empty", file=sys.stderr)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -102,7 +105,7 @@ def plot_runs(run_dirs: list[str], output: str, *, metrics: tuple[str, ...] = DE
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m maxlm.plot", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m maxlm.plot", description=cli_description(__doc__))
   p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
   p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                  help="comma-separated metrics.jsonl keys, one panel each (default: ce,eval/uniform_avg)")

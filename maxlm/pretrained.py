@@ -62,7 +62,9 @@ def load(spec: str, *, abstract: Optional[dict] = None, hf_config: Optional[str]
   non-model sections of an import)."""
   path, step = split_spec(spec)
   if step == "all":
-    raise CheckpointError(f"{spec} names several checkpoints: expand it with maxlm.pretrained.expand first")
+    raise CheckpointError(f"{spec} names every kept step, and this command reads one checkpoint: give RUN (its "
+                          "newest step) or RUN@STEP (knowledge-entropy, token-difficulty, hessian-trace and probe "
+                          "take RUN@all)")
   path = os.path.expanduser(path)
   if is_hf_dir(path):
     if step is not None:

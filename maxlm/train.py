@@ -20,9 +20,9 @@ from maxlm import model as model_lib
 from maxlm import plan, sharding
 from maxlm import state as state_lib
 from maxlm import step as step_lib
-from maxlm.config import (Config, check_command_line_overrides, finalize, load_config, preset_names, profile_range,
-                          save_config, set_value)
-from maxlm.errors import CheckpointError, ConfigError, DataError, cli_exit_code
+from maxlm.config import (Config, absolute_paths, check_command_line_overrides, finalize, load_config, preset_names,
+                          profile_range, save_config, set_value)
+from maxlm.errors import CheckpointError, ConfigError, DataError, cli_description, cli_exit_code
 
 
 def _prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
@@ -47,6 +47,7 @@ def _prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
   if info.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"the tokenizer has {info.vocab_size} tokens but {cfg.said('model.vocab_size')}; "
                       f"set model.vocab_size >= {info.vocab_size}")
+  absolute_paths(cfg)  # what the run saves reads the same files from any working directory
   if jax.process_index() == 0:
     save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
   return info, state_lib.layout(cfg)
@@ -251,7 +252,7 @@ def format_summary(summary: dict) -> str:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog="python -m maxlm.train", description=__doc__.splitlines()[0],
+      prog="python -m maxlm.train", description=cli_description(__doc__),
       epilog=f"presets: {', '.join(preset_names())}. Every config key, with its default and choices, is listed in "
              "configs/base.yaml (installed as maxlm/configs/base.yaml); override any with section.key=value.",
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,6 +278,13 @@ def main(argv=None) -> int:
 
   def body():
     check_command_line_overrides(args.overrides)
+    if args.devices is not None and not args.dry_run:
+      raise ConfigError("--devices plans a --dry-run for that many devices; a run uses the devices present (for "
+                        "simulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    given = [f for f, v in (("--coordinator-address", args.coordinator_address), ("--num-processes",
+                            args.num_processes), ("--process-id", args.process_id)) if v is not None]
+    if given and not args.distributed:
+      raise ConfigError(f"{', '.join(given)} take effect with --distributed: add it (or drop them)")
     if argv is None:  # the process is this CLI: tune its allocator before jax creates the CPU client's threads
       host.tune_cpu_malloc()
     if args.distributed:

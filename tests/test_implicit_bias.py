@@ -178,6 +178,19 @@ def test_hessian_cli_writes_json_and_rejects_bad_input(hessian_run, tmp_path, ca
   assert "must be positive" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     analyze.main(cli_args("hessian-trace", **{**good, "probe": "uniform"}))
+  # RUN@all: every kept step, each as RUN@STEP would give it, one JSON and a plot over the steps.
+  series_run = tmp_path / "series"
+  cfg = hessian_run[1]
+  _, params, _ = checkpoint.load_params(str(root / "run"))
+  checkpoint.save_params(str(series_run), cfg, params, step=0)
+  checkpoint.save_params(str(series_run), cfg, jax.tree.map(lambda x: np.asarray(x) * 1.1, params), step=5)
+  capsys.readouterr()
+  assert analyze.main(cli_args("hessian-trace", **{**good, "checkpoint": f"{series_run}@all"})) == 0
+  series = json.loads(out.read_text())
+  assert [r["step"] for r in series["results"]] == [0, 5] and (tmp_path / "h.png").stat().st_size > 1000
+  assert series["results"][0]["trace"] == result["trace"]  # same data, seed and probes: the same estimate
+  assert analyze.main(cli_args("widen", checkpoint=f"{series_run}@all", factor=2, output=tmp_path / "w")) == 2
+  assert "reads one checkpoint: give RUN (its newest step) or RUN@STEP" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- widen

@@ -29,7 +29,7 @@ from maxlm import losses
 from maxlm import model as model_lib
 from maxlm import pretrained, sharding
 from maxlm.config import Config, mesh_shape
-from maxlm.errors import ConfigError, DataError
+from maxlm.errors import ConfigError, DataError, cli_description
 
 PROBES = ("gaussian", "rademacher")
 IGNORE = -100
@@ -234,8 +234,9 @@ def hessian_trace(checkpoint: str, data: str, *, samples: int, batch_size: int, 
 
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("hessian-trace", help="Hutchinson estimate of the loss Hessian's trace (seed 003)",
-                            description=__doc__.splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model dir")
+                            description=cli_description(__doc__))
+  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP, RUN@all (every kept step: JSON {results: "
+                                                      "[...]} and OUTPUT.png of the trace over steps) or HF model dir")
   p.add_argument("--data", required=True, help="JSONL (`text` or `ids`) or plain text, one document per line")
   p.add_argument("--samples", type=int, default=100, help="probes (= minibatches), default 100")
   p.add_argument("--batch-size", type=int, default=8, help="rows per minibatch, drawn with replacement")
@@ -248,14 +249,21 @@ def add_parser(subparsers) -> None:
 
 
 def _cli(args) -> dict:
+  from maxlm.analysis import series  # pylint: disable=import-outside-toplevel
   if os.path.isdir(args.output):
     raise DataError(f"--output {args.output} is a directory; give a JSON file name")
-  out = hessian_trace(args.checkpoint, args.data, samples=args.samples, batch_size=args.batch_size,
-                      seq_len=args.seq_len, probe=args.probe, seed=args.seed, max_docs=args.max_docs)
+  out = series.over_checkpoints(args.checkpoint, lambda spec: hessian_trace(
+      spec, args.data, samples=args.samples, batch_size=args.batch_size, seq_len=args.seq_len, probe=args.probe,
+      seed=args.seed, max_docs=args.max_docs))
   write_json(args.output, out)
-  err = f" +- {out['stderr']:.4g}" if out["stderr"] is not None else ""
-  print(f"trace {out['trace']:.6g}{err} ({out['samples']} {out['probe']} probes, {out['parameters']:,} parameters); "
-        f"wrote {args.output}")
+  for r in out.get("results", [out]):
+    err = f" +- {r['stderr']:.4g}" if r["stderr"] is not None else ""
+    print(f"{r['checkpoint']}: trace {r['trace']:.6g}{err} ({r['samples']} {r['probe']} probes, "
+          f"{r['parameters']:,} parameters)")
+  if "results" in out:
+    series.plot_over_steps(out["results"], "trace", os.path.splitext(args.output)[0] + ".png",
+                           ylabel="Hessian trace", err_key="stderr")
+  print(f"wrote {args.output}")
   return out
 
 

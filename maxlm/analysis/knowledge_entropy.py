@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm.errors import DataError
+from maxlm.errors import DataError, cli_description
 
 MODES = ("valid", "reference")
 ENTROPY_EPS = 1e-9  # KE's turn_into_entropy: log(p + 1e-9)
@@ -280,7 +280,7 @@ def _cli(args) -> None:
 
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("knowledge-entropy", help="knowledge entropy of FFN coefficients over checkpoints (KE)",
-                            description=__doc__.splitlines()[0])
+                            description=cli_description(__doc__))
   p.add_argument("--checkpoint", action="append", required=True,
                  help="run dir (latest step), RUN@STEP, RUN@all or an HF LLaMA/OLMo directory; repeatable")
   p.add_argument("--data", required=True, help="JSONL with 'text' or 'ids', or plain text with one document a line")

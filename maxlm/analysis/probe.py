@@ -27,7 +27,7 @@ import optax
 from maxlm import model as model_lib
 from maxlm import pretrained
 from maxlm.analysis.hessian import analysis_config, write_json
-from maxlm.errors import ConfigError, DataError
+from maxlm.errors import ConfigError, DataError, cli_description
 
 MODES = ("linear", "finetune")
 FEATURE_BATCH = 32  # rows per forward pass when extracting features
@@ -243,8 +243,9 @@ def probe(checkpoint: str, train: str, validation: str, *, mode: str = "linear",
 
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("probe", help="linear probe or fine-tuning accuracy on a CSV text,label task (seed 003)",
-                            description=__doc__.splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model dir")
+                            description=cli_description(__doc__))
+  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP, RUN@all (every kept step: JSON {results: "
+                                                      "[...]} and OUTPUT.png of the accuracy over steps) or HF model dir")
   p.add_argument("--train", required=True, help="CSV with text,label columns (python -m maxlm.data pcfg-tasks)")
   p.add_argument("--validation", required=True, help="CSV with text,label columns")
   p.add_argument("--mode", default="linear", choices=MODES, help="linear: frozen features; finetune: all weights")
@@ -259,12 +260,18 @@ def add_parser(subparsers) -> None:
 
 
 def _cli(args) -> dict:
+  from maxlm.analysis import series  # pylint: disable=import-outside-toplevel
   if os.path.isdir(args.output):
     raise DataError(f"--output {args.output} is a directory; give a JSON file name")
-  out = probe(args.checkpoint, args.train, args.validation, mode=args.mode, seq_len=args.seq_len, steps=args.steps,
-              lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed)
+  out = series.over_checkpoints(args.checkpoint, lambda spec: probe(
+      spec, args.train, args.validation, mode=args.mode, seq_len=args.seq_len, steps=args.steps, lr=args.lr,
+      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed))
   write_json(args.output, out)
-  print(f"{out['mode']} probe: validation accuracy {out['accuracy']:.4f} (majority baseline "
-        f"{out['majority_baseline']:.4f}, {out['classes']} classes, train accuracy {out['train_accuracy']:.4f}); "
-        f"wrote {args.output}")
+  for r in out.get("results", [out]):
+    print(f"{r['checkpoint']}: {r['mode']} probe: validation accuracy {r['accuracy']:.4f} (majority baseline "
+          f"{r['majority_baseline']:.4f}, {r['classes']} classes, train accuracy {r['train_accuracy']:.4f})")
+  if "results" in out:
+    series.plot_over_steps(out["results"], "accuracy", os.path.splitext(args.output)[0] + ".png",
+                           ylabel="validation accuracy", baseline_key="majority_baseline")
+  print(f"wrote {args.output}")
   return out

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from maxlm.data_pipelines.tokenization import carry_tokenizer
-from maxlm.errors import ConfigError, DataError
+from maxlm.errors import ConfigError, DataError, cli_description
 
 def check_ratio_factor(ratio: float, factor: float) -> None:
   if not 0.0 < ratio < 1.0:
@@ -110,7 +110,7 @@ def _cli(args) -> None:
 
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("resuscitate", help="scale up rarely used FFN units into a new checkpoint (KE)",
-                            description=__doc__.splitlines()[0])
+                            description=cli_description(__doc__))
   p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF LLaMA/OLMo directory")
   p.add_argument("--coefficients", required=True, help="(layers, ffn) .npy from `knowledge-entropy` for that model")
   p.add_argument("--ratio", type=float, required=True, help="p: share of units per layer to resuscitate, in (0, 1)")

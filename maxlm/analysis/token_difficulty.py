@@ -22,7 +22,7 @@ import numpy as np
 
 from maxlm import pretrained
 from maxlm.analysis.hessian import analysis_config, lm_batch, scored_rows, write_json
-from maxlm.errors import DataError
+from maxlm.errors import DataError, cli_description
 
 BUCKETS = (("frequent", 0.80), ("medium", 0.95), ("rare", 1.0))
 COUNT_CHUNK = 1 << 22  # tokens read from a store per request
@@ -195,7 +195,7 @@ def _short(run: dict) -> str:
 
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("token-difficulty", help="CE / entropy by training-frequency bucket (MiLe analysis)",
-                            description=__doc__.splitlines()[0])
+                            description=cli_description(__doc__))
   p.add_argument("--checkpoint", required=True, action="append",
                  help="run dir, RUN@STEP, RUN@all or HF model dir; repeat to compare several")
   p.add_argument("--data", required=True, help="JSONL (`text` or `ids`) or plain text, one document per line")

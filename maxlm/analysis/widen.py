@@ -26,7 +26,7 @@ import numpy as np
 from maxlm.data_pipelines.tokenization import carry_tokenizer
 from maxlm import checkpoint, pretrained
 from maxlm.config import Config, finalize
-from maxlm.errors import ConversionError
+from maxlm.errors import ConversionError, cli_description
 from maxlm.outputs import DERIVED_RUN, atomic_output
 
 LAYER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,7 +123,7 @@ def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[in
 
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("widen", help="embed a model in a K-times wider one with the same function (seed 003)",
-                            description=__doc__.splitlines()[0])
+                            description=cli_description(__doc__))
   p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model dir (LLaMA / OLMo v1)")
   p.add_argument("--factor", type=int, required=True, help="K: hidden, heads, kv_heads and ffn times K")
   p.add_argument("--layers", type=int, default=None, help="total layers of the wide model (extra ones are zero)")
