@@ -6,7 +6,6 @@ equals transformers' generate, and the analysis rows equal transformers' input i
 import json
 import os
 
-import numpy as np
 import pytest
 
 from maxlm import generate as gen_lib
