@@ -6,7 +6,10 @@ XLA's CPU runtime allocates an executable's temporary buffer afresh at every exe
 step, 2.4 GB for a 134M model's). glibc serves a request that large with a fresh mmap and returns it with munmap on
 free, so every step pays a page fault per 4 KiB page touched: 0.2 s of kernel time in a 0.5 s demo step, 2.6 s in a
 9 s mid-size step (docs/BENCHMARKS.md). With one arena, no mmap and no trimming, the freed block stays in the heap
-and the next step reuses its pages: the kernel time goes to ~0. The cost: the process keeps its peak heap resident.
+and the next step reuses its pages: the kernel time goes to ~0. The cost: the process keeps its peak heap resident,
+and the heap grows to a few temporaries (the runtime frees a step's temporary on its own thread, so the next step
+sometimes finds it still held, and small allocations split freed blocks): peak RSS 1.7 vs 0.9 GB for the demo step,
+12.8 vs 4.6 GB for a 134M model's (docs/BENCHMARKS.md); a machine short of memory sets MAXLM_CPU_MALLOC=off.
 An accelerator host gains nothing (step buffers live on the device), so `auto` applies it only where jax will run
 on the CPU. `MAXLM_CPU_MALLOC=off` turns it off, `on` forces it.
 """
