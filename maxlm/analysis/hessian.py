@@ -250,21 +250,14 @@ def add_parser(subparsers) -> None:
 
 def _cli(args) -> dict:
   from maxlm.analysis import series  # pylint: disable=import-outside-toplevel
-  if os.path.isdir(args.output):
-    raise DataError(f"--output {args.output} is a directory; give a JSON file name")
-  out = series.over_checkpoints(args.checkpoint, lambda spec: hessian_trace(
-      spec, args.data, samples=args.samples, batch_size=args.batch_size, seq_len=args.seq_len, probe=args.probe,
-      seed=args.seed, max_docs=args.max_docs))
-  write_json(args.output, out)
-  for r in out.get("results", [out]):
+
+  def line(r):
     err = f" +- {r['stderr']:.4g}" if r["stderr"] is not None else ""
-    print(f"{r['checkpoint']}: trace {r['trace']:.6g}{err} ({r['samples']} {r['probe']} probes, "
-          f"{r['parameters']:,} parameters)")
-  if "results" in out:
-    series.plot_over_steps(out["results"], "trace", os.path.splitext(args.output)[0] + ".png",
-                           ylabel="Hessian trace", err_key="stderr")
-  print(f"wrote {args.output}")
-  return out
+    return f"trace {r['trace']:.6g}{err} ({r['samples']} {r['probe']} probes, {r['parameters']:,} parameters)"
+
+  return series.report(args.checkpoint, args.output, lambda spec: hessian_trace(
+      spec, args.data, samples=args.samples, batch_size=args.batch_size, seq_len=args.seq_len, probe=args.probe,
+      seed=args.seed, max_docs=args.max_docs), line, dict(key="trace", ylabel="Hessian trace", err_key="stderr"))
 
 
 def write_json(path: str, obj: dict) -> None:

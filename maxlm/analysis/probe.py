@@ -26,7 +26,7 @@ import optax
 
 from maxlm import model as model_lib
 from maxlm import pretrained
-from maxlm.analysis.hessian import analysis_config, write_json
+from maxlm.analysis.hessian import analysis_config
 from maxlm.errors import ConfigError, DataError, cli_description
 
 MODES = ("linear", "finetune")
@@ -261,17 +261,9 @@ def add_parser(subparsers) -> None:
 
 def _cli(args) -> dict:
   from maxlm.analysis import series  # pylint: disable=import-outside-toplevel
-  if os.path.isdir(args.output):
-    raise DataError(f"--output {args.output} is a directory; give a JSON file name")
-  out = series.over_checkpoints(args.checkpoint, lambda spec: probe(
+  return series.report(args.checkpoint, args.output, lambda spec: probe(
       spec, args.train, args.validation, mode=args.mode, seq_len=args.seq_len, steps=args.steps, lr=args.lr,
-      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed))
-  write_json(args.output, out)
-  for r in out.get("results", [out]):
-    print(f"{r['checkpoint']}: {r['mode']} probe: validation accuracy {r['accuracy']:.4f} (majority baseline "
-          f"{r['majority_baseline']:.4f}, {r['classes']} classes, train accuracy {r['train_accuracy']:.4f})")
-  if "results" in out:
-    series.plot_over_steps(out["results"], "accuracy", os.path.splitext(args.output)[0] + ".png",
-                           ylabel="validation accuracy", baseline_key="majority_baseline")
-  print(f"wrote {args.output}")
-  return out
+      weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed),
+      lambda r: (f"{r['mode']} probe: validation accuracy {r['accuracy']:.4f} (majority baseline "
+                 f"{r['majority_baseline']:.4f}, {r['classes']} classes, train accuracy {r['train_accuracy']:.4f})"),
+      dict(key="accuracy", ylabel="validation accuracy", baseline_key="majority_baseline"))

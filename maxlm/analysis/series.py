@@ -8,6 +8,7 @@ import os
 from typing import Callable, Optional
 
 from maxlm import pretrained
+from maxlm.errors import DataError
 
 
 def over_checkpoints(spec: str, score: Callable[[str], dict], log=print) -> dict:
@@ -22,7 +23,24 @@ def over_checkpoints(spec: str, score: Callable[[str], dict], log=print) -> dict
   return {"checkpoint": spec, "results": results}
 
 
-def plot_over_steps(results: list[dict], key: str, path: str, *, ylabel: str, err_key: Optional[str] = None,
+def report(checkpoint: str, output: str, score: Callable[[str], dict], line: Callable[[dict], str], plot: dict
+           ) -> dict:
+  """A tool's CLI over one checkpoint or RUN@all: the JSON at `output`, a line per checkpoint, and for a series
+  OUTPUT.png of plot["key"] over the steps (plot: plot_over_steps' keyword arguments)."""
+  from maxlm.analysis.hessian import write_json  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(output):
+    raise DataError(f"--output {output} is a directory; give a JSON file name")
+  out = over_checkpoints(checkpoint, score)
+  write_json(output, out)
+  for r in out.get("results", [out]):
+    print(f"{r['checkpoint']}: {line(r)}")
+  if "results" in out:
+    plot_over_steps(out["results"], path=os.path.splitext(output)[0] + ".png", **plot)
+  print(f"wrote {output}")
+  return out
+
+
+def plot_over_steps(results: list[dict], *, key: str, path: str, ylabel: str, err_key: Optional[str] = None,
                     baseline_key: Optional[str] = None) -> str:
   """results[i][key] against results[i]["step"] (error bars from err_key, a dashed baseline from baseline_key)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
