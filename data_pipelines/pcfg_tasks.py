@@ -121,9 +121,9 @@ def _labels_and_derived(grammar: Grammar, sentences, task: str, classes: list[st
                     f"{len(sentences[short[0]])}.")
   values, _ = _span_values(grammar, sentences, *(TASK_SPANS[task] or (0, None)))
   cand = values[:, [grammar.nt_id[c] for c in classes]]
-  # Ties go to the first candidate (classes are in tie order). Rules that tie exactly, like two identical ones, can come out
-  # of the scaled inside pass a few ulps apart, by summation order that differs between CPUs; within TIE_RTOL of
-  # the maximum counts as a tie.
+  # Ties go to the first candidate (classes are in tie order). Rules that tie exactly, like two identical ones, can
+  # come out of the scaled inside pass a few ulps apart, by summation order that differs between CPUs; within
+  # TIE_RTOL of the maximum counts as a tie.
   top = cand.max(axis=1, keepdims=True)
   best = np.argmax(cand >= top * (1 - TIE_RTOL), axis=1)
   return [classes[i] for i in best], top[:, 0] > 0

@@ -17,8 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("prepare", help="tokenize raw text (JSONL/.gz/.zst, Parquet, text) into a token store")
   p.add_argument("--input", required=True, action="append",
                  help="glob of input files (quote it); repeat for several globs")
-  p.add_argument("--tokenizer", required=True, help="local HF tokenizer.json, SentencePiece .model, or a Hugging Face model directory "
-                                                      "holding one")
+  p.add_argument("--tokenizer", required=True,
+                 help="local HF tokenizer.json, SentencePiece .model, or a Hugging Face model directory holding one")
   p.add_argument("--output", required=True, help="store root: local path, gs://bucket/path or s3://bucket/path")
   p.add_argument("--domain-key", default="", help="field path of a record's domain, e.g. meta.pile_set_name")
   p.add_argument("--text-key", default="text", help="field path of a record's text (default: text)")
@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser(
       "pcfg-tasks", help="labelled PCFG sentences (seed 003's downstream tasks A/B/C) as CSV text,label",
       description="Sentences of more than 4 words sampled from a grammar, each labelled by the nonterminal with the "
-      "largest inside probability of a span (ties: S1, S2, ... first, then the other names sorted, as IB). A: the whole "
-      "sentence, over the start symbol's unary children (IB's S1..Sn; builtin:demo's start symbol has none, so A is "
-      "refused there: use builtin:ib_demo or an IB rule file); B: span [0,4) and C: span [0,2), over all "
+      "largest inside probability of a span (ties: S1, S2, ... first, then the other names sorted, as IB). A: the "
+      "whole sentence, over the start symbol's unary children (IB's S1..Sn; builtin:demo's start symbol has none, so "
+      "A is refused there: use builtin:ib_demo or an IB rule file); B: span [0,4) and C: span [0,2), over all "
       "nonterminals. Labels are IB's integers (A: S1 -> 0, ...; B/C: the position among all nonterminals sorted by "
       "name); OUTPUT.labels.json beside the CSV names them.")
   t.add_argument("--grammar", default="builtin:demo",

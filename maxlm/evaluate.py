@@ -277,8 +277,9 @@ def _harness_parser() -> argparse.ArgumentParser:
   p.add_argument("--device", default="cpu", help="torch device for lm-eval's hf model (cpu, cuda, cuda:0, ...)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the export and run")
   p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
-  p.add_argument("--output", default=None, help="results JSON (default: RUN_DIR/eval/harness_stepN_TASKS.json; for an HF directory "
-                                                   "harness_NAME_TASKS.json in the working directory)")
+  p.add_argument("--output", default=None,
+                 help="results JSON (default: RUN_DIR/eval/harness_stepN_TASKS.json; for an HF directory "
+                      "harness_NAME_TASKS.json in the working directory)")
   return p
 
 
@@ -298,8 +299,9 @@ def _loss_parser() -> argparse.ArgumentParser:
                                                    "meta.pile_set_name)")
   p.add_argument("--format", default="text", choices=["text", "sft"], dest="data_format",
                  help="sft: --data is instruction data (Alpaca JSON or chat JSONL), CE on response tokens only")
-  p.add_argument("--output", default=None, help="JSON path (default: RUN_DIR/eval/loss_stepN_DATA.json; for an HF directory "
-                                                   "loss_NAME_DATA.json in the working directory)")
+  p.add_argument("--output", default=None,
+                 help="JSON path (default: RUN_DIR/eval/loss_stepN_DATA.json; for an HF directory "
+                      "loss_NAME_DATA.json in the working directory)")
   return p
 
 

@@ -244,8 +244,9 @@ def probe(checkpoint: str, train: str, validation: str, *, mode: str = "linear",
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("probe", help="linear probe or fine-tuning accuracy on a CSV text,label task (seed 003)",
                             description=cli_description(__doc__))
-  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP, RUN@all (every kept step: JSON {results: "
-                                                      "[...]} and OUTPUT.png of the accuracy over steps) or HF model dir")
+  p.add_argument("--checkpoint", required=True,
+                 help="run dir, RUN@STEP, RUN@all (every kept step: JSON {results: [...]} and OUTPUT.png of the "
+                      "accuracy over steps) or HF model dir")
   p.add_argument("--train", required=True, help="CSV with text,label columns (python -m maxlm.data pcfg-tasks)")
   p.add_argument("--validation", required=True, help="CSV with text,label columns")
   p.add_argument("--mode", default="linear", choices=MODES, help="linear: frozen features; finetune: all weights")
