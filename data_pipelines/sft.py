@@ -249,10 +249,18 @@ def _file_key(path: str) -> tuple:
 
 
 def tokenizer_of(cfg) -> SFTTokenizer:
+  """The SFT tokenizer of a data section: data.tokenizer, else the tokenizer file its token store names (a run
+  trained on a store, evaluated on instruction data)."""
   path = getattr(cfg, "tokenizer", "")
   if not path:
-    raise DataError("data.source = sft tokenizes text but data.tokenizer is empty: set it to a tokenizer.json or "
-                    "SentencePiece .model (a run started with checkpoint.init_from takes the source's)")
+    from maxlm.data_pipelines.tokenization import run_tokenizer  # pylint: disable=import-outside-toplevel
+    kind, found = run_tokenizer(cfg)
+    if kind != "file":
+      raise DataError("instruction data is tokenized with a tokenizer file, but data.tokenizer is empty and the run "
+                      f"names none ({found if kind is None else 'a PCFG word vocabulary'}): set data.tokenizer to a "
+                      "tokenizer.json or SentencePiece .model (a run started with checkpoint.init_from takes the "
+                      "source's)")
+    path = found
   return SFTTokenizer(path)
 
 

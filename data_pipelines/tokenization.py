@@ -182,16 +182,38 @@ def run_tokenizer(data_cfg) -> tuple[str | None, object]:
   return None, "the run names no tokenizer (data.tokenizer is empty)"
 
 
-def run_encoder(data_cfg):
-  """(encode_batch, separator id, decode) of the tokenizer a run trained with; a DataError when none is known."""
+class WordTokenizer:
+  """A PCFG's word-level vocabulary behind TextTokenizer's interface (no special tokens)."""
+
+  def __init__(self, grammar):
+    self.grammar, self.separator_id = grammar, grammar.separator_id
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [self.grammar.encode(t) for t in texts]
+
+  def decode(self, ids) -> str:
+    return self.grammar.decode(ids)
+
+  def special_tokens(self) -> tuple[list[int], list[int]]:
+    return [], []
+
+
+def run_text_tokenizer(data_cfg):
+  """The tokenizer a run trained with (a TextTokenizer, or a WordTokenizer for a PCFG); a DataError when none is
+  known."""
   kind, what = run_tokenizer(data_cfg)
   if kind == "file":
-    tok = TextTokenizer(what)
-    return tok.encode_batch, tok.separator_id, tok.decode
-  if kind == "pcfg":  # the PCFG's word-level vocabulary
-    return (lambda texts: [what.encode(t) for t in texts]), what.separator_id, what.decode
+    return TextTokenizer(what)
+  if kind == "pcfg":
+    return WordTokenizer(what)
   raise DataError(f"cannot tokenize text for this checkpoint: {what}. Set data.tokenizer in the run's config "
                   "(a tokenizer.json or SentencePiece .model) or use token ids / a token store instead")
+
+
+def run_encoder(data_cfg):
+  """(encode_batch, separator id, decode) of the tokenizer a run trained with; a DataError when none is known."""
+  tok = run_text_tokenizer(data_cfg)
+  return tok.encode_batch, tok.separator_id, tok.decode
 
 
 def export_tokenizer(data_cfg, out_dir: str, *, vocab_size: int, max_positions: int) -> tuple[int | None, int | None,
@@ -249,53 +271,42 @@ def _write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=2)
 
 
-def tokenizer_config(tokenizer_path: str) -> dict:
-  """The tokenizer_config.json beside a tokenizer file ({} when there is none or it is unreadable)."""
+def tokenizer_config(tokenizer_path: str, name: str = "tokenizer_config.json") -> dict:
+  """A JSON object beside a tokenizer file (tokenizer_config.json, special_tokens_map.json); {} when there is none
+  or it is unreadable."""
   import json  # pylint: disable=import-outside-toplevel
   try:
-    with open(os.path.join(os.path.dirname(tokenizer_path), "tokenizer_config.json")) as f:
+    with open(os.path.join(os.path.dirname(tokenizer_path), name)) as f:
       config = json.load(f)
   except (OSError, ValueError):
     return {}
   return config if isinstance(config, dict) else {}
 
 
-def run_special_tokens(data_cfg) -> tuple[list[int], list[int]]:
-  """`TextTokenizer.special_tokens()` of a run's tokenizer; none for the PCFG's word-level vocabulary."""
-  kind, what = run_tokenizer(data_cfg)
-  return TextTokenizer(what).special_tokens() if kind == "file" else ([], [])
-
-
 def named_special_token(tokenizer_path: str, key: str) -> str | None:
   """The token a tokenizer_config.json / special_tokens_map.json beside `tokenizer_path` names for `key`
   ("eos_token", "pad_token", ...), or None."""
-  import json  # pylint: disable=import-outside-toplevel
   for name in ("tokenizer_config.json", "special_tokens_map.json"):
-    path = os.path.join(os.path.dirname(tokenizer_path), name)
-    try:
-      with open(path) as f:
-        token = json.load(f).get(key)
-    except (OSError, ValueError):
-      continue
+    token = tokenizer_config(tokenizer_path, name).get(key)
     token = token.get("content") if isinstance(token, dict) else token
     if isinstance(token, str) and token:
       return token
   return None
 
 
-def special_ids(data_cfg) -> tuple[int, int]:
-  """(eos id, pad id) of a run's tokenizer: the tokens its tokenizer_config / special_tokens_map names (OLMo's eos is
-  50279, not the first end-of-text candidate), else the document separator for both."""
-  _, separator, _ = run_encoder(data_cfg)
-  kind, what = run_tokenizer(data_cfg)
-  if kind != "file" or tokenizer_kind(what) != "hf":
+def special_ids(data_cfg, tok=None) -> tuple[int, int]:
+  """(eos id, pad id) of a run's tokenizer (`tok`: run_text_tokenizer's, when the caller has it): the tokens its
+  tokenizer_config / special_tokens_map names (OLMo's eos is 50279, not the first end-of-text candidate), else the
+  document separator for both."""
+  tok = tok or run_text_tokenizer(data_cfg)
+  separator = tok.separator_id
+  if not isinstance(tok, TextTokenizer) or tok.kind != "hf":
     return separator, separator
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  tok = tokenizers.Tokenizer.from_file(what)
+  raw = tok._load()  # pylint: disable=protected-access
   ids = []
   for key, fallback in (("eos_token", separator), ("pad_token", None)):
-    token = named_special_token(what, key)
-    found = tok.token_to_id(token) if token else None
+    token = named_special_token(tok.path, key)
+    found = raw.token_to_id(token) if token else None
     ids.append(int(found) if found is not None else fallback)
   eos, pad = ids
   return eos, (eos if pad is None else pad)

@@ -324,10 +324,12 @@ def _apply(cfg: Config, data: dict, origin: str) -> None:
     if not isinstance(values, dict):
       raise ConfigError(f"section {section!r} in {origin} must be a mapping of keys")
     for key, value in values.items():
-      _set(cfg, f"{section}.{key}", value, origin)
+      set_value(cfg, f"{section}.{key}", value, origin)
 
 
-def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
+def set_value(cfg: Config, dotted: str, value: Any, origin: str) -> None:
+  """Sets `dotted` ("section.name", or deeper into a dict field) as a file or override would, checking its type and
+  recording `origin` for error messages."""
   parts = dotted.split(".")
   section_name = parts[0]
   sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -370,11 +372,6 @@ def absolute_paths(cfg: Config) -> None:
       setattr(getattr(cfg, section), name, os.path.abspath(value))
 
 
-def set_value(cfg: Config, key: str, value: Any, origin: str) -> None:
-  """Sets `key` ("section.name") as a file or override would, recording `origin` for error messages."""
-  _set(cfg, key, value, origin)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
   if "=" not in text:
     raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.steps=100)")
@@ -410,7 +407,7 @@ def load_config(name_or_path: str = "demo", overrides: tuple[str, ...] | list[st
     key, value = parse_override(text)
     if _is_text_field(key) and not isinstance(value, str) and value is not None:
       value = text.split("=", 1)[1]  # a string field takes the text as typed (YAML would read 10:15 as 615)
-    _set(cfg, key, value, f"override {text!r}")
+    set_value(cfg, key, value, f"override {text!r}")
   return finalize(cfg, num_devices=num_devices)
 
 

@@ -133,16 +133,7 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
     from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
     if not data:
       raise DataError("--format sft needs --data FILE (Alpaca JSON or chat JSONL)")
-    data_cfg = cfg.data
-    if not data_cfg.tokenizer:  # a run trained on a token store: the store's tokenizer file
-      import dataclasses  # pylint: disable=import-outside-toplevel
-      from maxlm.data_pipelines.tokenization import run_tokenizer  # pylint: disable=import-outside-toplevel
-      kind, path = run_tokenizer(cfg.data)
-      if kind != "file":
-        raise DataError(f"--format sft needs the checkpoint's tokenizer file, and it has none "
-                        f"({path if kind is None else 'a PCFG word vocabulary'}); evaluate text instead")
-      data_cfg = dataclasses.replace(cfg.data, tokenizer=path)
-    batches = sft.file_batches(data_cfg, data, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
+    batches = sft.file_batches(cfg.data, data, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
                                log=log)
   elif data and os.path.isfile(data):
     from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel

@@ -15,7 +15,7 @@ import numpy as np
 
 from maxlm import model as model_lib
 from maxlm.config import Config
-from maxlm.errors import ConfigError, resolved_from
+from maxlm.errors import CheckpointError, ConfigError, resolved_from
 
 # Top-level train-state names that are not frozen entries.
 TRAINED_KEYS = ("params", "opt_state", "step")
@@ -100,6 +100,30 @@ def read_cost_embedding(path: str) -> np.ndarray:
     raise ConfigError(f"cost embedding {path}: {bad.size} row(s) hold NaN or Inf (the first is row {int(bad[0])}); "
                       "fix or regenerate the file")
   return array
+
+
+def check_resume(cfg: Config, checkpointer, step) -> None:
+  """Before a resume of `step` (None: the newest): it continues the run it finds, with the frozen entries that run
+  saved; a config asking for another EMO cost-embedding source would be silently ignored (or fail on shapes), so it
+  is a CheckpointError that says how to switch."""
+  try:
+    step = checkpointer.resolve_step(step)
+    saved = checkpointer.config(step)
+  except CheckpointError:
+    return  # an unreadable step: restore_for_resume sets it aside and says so
+  if cfg.loss.objective != "emo" or saved.loss.objective != "emo":
+    return
+  mine, theirs = cfg.loss, saved.loss
+  same_file = mine.cost_embedding_file == theirs.cost_embedding_file or (
+      os.path.isfile(mine.cost_embedding_file) and os.path.isfile(theirs.cost_embedding_file)
+      and os.path.samefile(mine.cost_embedding_file, theirs.cost_embedding_file))
+  if mine.cost_embedding != theirs.cost_embedding or not same_file:
+    raise CheckpointError(
+        f"{cfg.run.dir} (step {step}) was trained with loss.cost_embedding = {theirs.cost_embedding!r}"
+        f"{' from ' + theirs.cost_embedding_file if theirs.cost_embedding_file else ''}, and a resume keeps it; "
+        f"{cfg.said('loss.cost_embedding')}"
+        f"{', ' + cfg.said('loss.cost_embedding_file') if mine.cost_embedding_file else ''} asks for another. Drop "
+        f"those settings to resume, or start a new run.dir with checkpoint.init_from={cfg.run.dir}")
 
 
 def lora_base(cfg: Config) -> list[FrozenEntry]:

@@ -110,10 +110,10 @@ def text_codec(cfg: Config) -> TextCodec:
   if kind is None:
     raise DataError(f"cannot tokenize text for this checkpoint: {what}. Give token ids instead (JSONL with an 'ids' "
                     "field) or set data.tokenizer in the run's config")
-  encode, _, decode = tokenization.run_encoder(cfg.data)
-  eos, pad = tokenization.special_ids(cfg.data)
-  before, after = tokenization.run_special_tokens(cfg.data)
-  return TextCodec(encode, decode, eos, pad, list(before), list(after))
+  tok = tokenization.run_text_tokenizer(cfg.data)
+  eos, pad = tokenization.special_ids(cfg.data, tok)
+  before, after = tok.special_tokens()
+  return TextCodec(tok.encode_batch, tok.decode, eos, pad, list(before), list(after))
 
 
 @dataclasses.dataclass

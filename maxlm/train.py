@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxlm import frozen as frozen_lib
 from maxlm import hooks as hooks_lib
 from maxlm import host
 from maxlm import model as model_lib
@@ -68,7 +69,7 @@ def _initial_state(cfg: Config, lay, checkpointer, data_it, say) -> tuple[dict, 
   """Resume from run.dir's newest readable checkpoint, else start from checkpoint.init_from, else a fresh init."""
   if checkpointer is not None and cfg.checkpoint.resume and checkpointer.steps():
     requested = cfg.checkpoint.resume_step if cfg.checkpoint.resume_step >= 0 else None
-    _check_same_cost_embedding(cfg, checkpointer, requested)
+    frozen_lib.check_resume(cfg, checkpointer, requested)
     step, state, data_state = checkpointer.restore_for_resume(lay.saved_abstract, requested, log=say)
     state = state_lib.rebuild_unsaved(lay, state)
     if data_state is not None:
@@ -87,29 +88,6 @@ def _initial_state(cfg: Config, lay, checkpointer, data_it, say) -> tuple[dict, 
     say(f"maxlm: initialised from {cfg.checkpoint.init_from}")
     return state, 0
   return state_lib.init_state(lay), 0
-
-
-def _check_same_cost_embedding(cfg: Config, checkpointer, step) -> None:
-  """A resume continues the run it finds, with the EMO cost embedding that run saved: asking for another source
-  would be silently ignored (or fail on shapes), so it is an error that says how to switch."""
-  try:
-    step = checkpointer.resolve_step(step)
-    saved = checkpointer.config(step)
-  except CheckpointError:
-    return  # an unreadable step: restore_for_resume sets it aside and says so
-  if cfg.loss.objective != "emo" or saved.loss.objective != "emo":
-    return
-  mine, theirs = cfg.loss, saved.loss
-  same_file = mine.cost_embedding_file == theirs.cost_embedding_file or (
-      os.path.isfile(mine.cost_embedding_file) and os.path.isfile(theirs.cost_embedding_file)
-      and os.path.samefile(mine.cost_embedding_file, theirs.cost_embedding_file))
-  if mine.cost_embedding != theirs.cost_embedding or not same_file:
-    raise CheckpointError(
-        f"{cfg.run.dir} (step {step}) was trained with loss.cost_embedding = {theirs.cost_embedding!r}"
-        f"{' from ' + theirs.cost_embedding_file if theirs.cost_embedding_file else ''}, and a resume keeps it; "
-        f"{cfg.said('loss.cost_embedding')}"
-        f"{', ' + cfg.said('loss.cost_embedding_file') if mine.cost_embedding_file else ''} asks for another. Drop "
-        f"those settings to resume, or start a new run.dir with checkpoint.init_from={cfg.run.dir}")
 
 
 def _compile(cfg: Config, lay, say):
@@ -272,19 +250,25 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
+def check_flags(args) -> None:
+  """ConfigErrors for command lines that would silently ignore what they say: a key given twice, --devices without
+  --dry-run, the distributed flags without --distributed."""
+  check_command_line_overrides(args.overrides)
+  if args.devices is not None and not args.dry_run:
+    raise ConfigError("--devices plans a --dry-run for that many devices; a run uses the devices present (for "
+                      "simulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  given = [f for f, v in (("--coordinator-address", args.coordinator_address), ("--num-processes",
+                          args.num_processes), ("--process-id", args.process_id)) if v is not None]
+  if given and not args.distributed:
+    raise ConfigError(f"{', '.join(given)} take effect with --distributed: add it (or drop them)")
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   outcome = {}
 
   def body():
-    check_command_line_overrides(args.overrides)
-    if args.devices is not None and not args.dry_run:
-      raise ConfigError("--devices plans a --dry-run for that many devices; a run uses the devices present (for "
-                        "simulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    given = [f for f, v in (("--coordinator-address", args.coordinator_address), ("--num-processes",
-                            args.num_processes), ("--process-id", args.process_id)) if v is not None]
-    if given and not args.distributed:
-      raise ConfigError(f"{', '.join(given)} take effect with --distributed: add it (or drop them)")
+    check_flags(args)
     if argv is None:  # the process is this CLI: tune its allocator before jax creates the CPU client's threads
       host.tune_cpu_malloc()
     if args.distributed:
