@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import time
-from maxlm.errors import cli_description
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import pretrained
+from maxlm.core.errors import cli_description
 
 
 def child_peak_rss(cmd: list[str]) -> tuple[float, float, str]:
@@ -39,14 +41,15 @@ def make_checkpoint(config: str, run_dir: str, seed: int = 0) -> dict:
   """A params-only checkpoint of the preset's shapes, filled leaf by leaf on the host (no optimizer state)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from maxlm import checkpoint, model  # pylint: disable=import-outside-toplevel
-  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxlm import model  # pylint: disable=import-outside-toplevel
+  from maxlm.checkpoint import checkpointer as checkpoint  # pylint: disable=import-outside-toplevel
+  from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
   cfg = load_config(config)
   shapes = model.abstract_model(cfg.model)[1]
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32) * np.float32(0.02), shapes)
   t0 = time.perf_counter()
-  checkpoint.save_params(run_dir, cfg, params)
+  ckpt_params.save_params(run_dir, cfg, params)
   return {"params": int(model.param_count(shapes)), "save_seconds": time.perf_counter() - t0,
           "largest_tensor_mib": max(int(np.prod(s.shape[1:] if len(s.shape) == 3 else s.shape)) * 4
                                     for s in jax.tree.leaves(shapes)) / 2 ** 20}
@@ -56,16 +59,17 @@ def verify_export(run_dir: str, hf_dir: str, dtype: str) -> int:
   """Number of tensors checked; raises if any exported tensor differs from the checkpoint's (in HF layout)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  from maxlm import checkpoint, hf_names  # pylint: disable=import-outside-toplevel
-  from maxlm.convert import _np_dtype  # pylint: disable=import-outside-toplevel
-  _, params, _ = checkpoint.load_params(run_dir)
+  from maxlm.checkpoint import checkpointer as checkpoint  # pylint: disable=import-outside-toplevel
+  from maxlm.hf import names as hf_names  # pylint: disable=import-outside-toplevel
+  from maxlm.hf.tensors import np_dtype  # pylint: disable=import-outside-toplevel
+  _, params, _ = pretrained.load_params(run_dir)
   index = json.load(open(os.path.join(hf_dir, "model.safetensors.index.json")))["weight_map"]
   checked = 0
   for t in hf_names.tensors(params):
     array = params
     for k in t.key:
       array = array[k]
-    expected = hf_names.to_hf(t, np.asarray(array if t.layer is None else array[t.layer])).astype(_np_dtype(dtype))
+    expected = hf_names.to_hf(t, np.asarray(array if t.layer is None else array[t.layer])).astype(np_dtype(dtype))
     with safe_open(os.path.join(hf_dir, index[t.hf_name]), framework="numpy") as f:
       got = f.get_tensor(t.hf_name)
     if got.dtype != expected.dtype or got.shape != expected.shape or got.tobytes() != expected.tobytes():

@@ -16,11 +16,13 @@ import time
 import jax
 import numpy as np
 
-from maxlm import checkpoint, convert
-from maxlm import generate as gen_lib
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import convert
+from maxlm.checkpoint import checkpointer as checkpoint
+from maxlm import decoding
 from maxlm import model as model_lib
-from maxlm.config import load_config
-from maxlm.errors import cli_description
+from maxlm.core.config import load_config
+from maxlm.core.errors import cli_description
 
 SIZES = {
     "demo": [],
@@ -35,7 +37,7 @@ def build(size: str, root: str):
   cfg = load_config("demo", SIZES[size] + ["model.compute_dtype=float32"])
   params = model_lib.init_params(cfg.model, 0)
   run_dir, hf_dir = os.path.join(root, f"{size}_run"), os.path.join(root, f"{size}_hf")
-  checkpoint.save_params(run_dir, cfg, params)
+  ckpt_params.save_params(run_dir, cfg, params)
   convert.to_hf(run_dir, hf_dir, dtype="float32", log=lambda *_: None)
   return cfg, jax.tree.map(np.asarray, params), hf_dir
 
@@ -56,7 +58,7 @@ def measure(size: str, batch: int, prompt_len: int, new: int, repeats: int, root
     built[size] = build(size, root)
   cfg, params, hf_dir = built[size]
   prompts = np.random.default_rng(0).integers(1, cfg.model.vocab_size, (batch, prompt_len)).tolist()
-  gen = gen_lib.Generator(cfg, params, compute_dtype="float32", batch_size=batch)
+  gen = decoding.Generator(cfg, params, compute_dtype="float32", batch_size=batch)
   t0 = time.perf_counter()
   ours = gen(prompts, max_new_tokens=new)  # compiles prefill and the decode step
   compile_s = time.perf_counter() - t0

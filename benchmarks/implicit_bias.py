@@ -22,10 +22,10 @@ import os
 import time
 
 from maxlm import evaluate, train
-from maxlm.analysis import hessian, probe, widen
-from maxlm.config import load_config
+from maxlm.analysis import hessian, linear_probe as probe, widen
+from maxlm.core.config import load_config
 from maxlm.data_pipelines import load_grammar, pcfg_tasks
-from maxlm.errors import cli_description
+from maxlm.core.errors import cli_description
 
 MODEL = ["data.grammar=builtin:ib_demo", "model.vocab_size=128", "model.hidden=64", "model.layers=2", "model.heads=4",
          "model.ffn=192", "model.max_positions=64",

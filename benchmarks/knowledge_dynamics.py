@@ -16,14 +16,16 @@ import time
 
 import numpy as np
 
-from maxlm import checkpoint, train
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import train
+from maxlm.checkpoint import checkpointer as checkpoint
 from maxlm import model as model_lib
 from maxlm.analysis import knowledge_entropy as ke
 from maxlm.analysis import resuscitate as rs
-from maxlm.config import load_config
+from maxlm.core.config import load_config
 from maxlm.data_pipelines import load_grammar
-from maxlm.metrics_log import read_metrics
-from maxlm.errors import cli_description
+from maxlm.run.trackers import read_metrics
+from maxlm.core.errors import cli_description
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWLEDGE = os.path.join(ROOT, "tests", "data", "knowledge")
@@ -72,7 +74,7 @@ def main() -> None:
   seq_len = inject_cfg.train.seq_len
   init_dir = os.path.join(args.out, "init")  # the weights before step 1 (train.seed), as a step-0 checkpoint
   if not os.path.isdir(init_dir):
-    checkpoint.save_params(init_dir, inject_cfg, model_lib.init_params(inject_cfg.model, inject_cfg.train.seed))
+    ckpt_params.save_params(init_dir, inject_cfg, model_lib.init_params(inject_cfg.model, inject_cfg.train.seed))
   for name, extra in (("inject", []), ("control", ["inject.interval=0"])):
     cfg = run_config(args.out, name, args.overrides + extra)
     if not os.path.isfile(os.path.join(cfg.run.dir, "metrics.jsonl")):

@@ -47,8 +47,10 @@ def shape_overrides(name: str) -> list[str]:
 def maxlm_side(preset: str, overrides: list[str], objective: str, local_batch: dict):
   """(compiled step, state, batch, cfg) of maxlm's train step for `objective`."""
   import jax  # pylint: disable=import-outside-toplevel
-  from maxlm import sharding, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
-  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxlm.core import sharding  # pylint: disable=import-outside-toplevel
+  from maxlm.state import layout as state_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.state import step as step_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
 
   cfg = load_config(preset, overrides + [f"loss.objective={objective}"], num_devices=jax.device_count())
   lay = state_lib.layout(cfg)
@@ -71,9 +73,11 @@ def torch_side(cfg, params: dict, local_batch: dict, attention: str):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from maxlm import convert, hf_names, optim  # pylint: disable=import-outside-toplevel
+  from maxlm.hf import config_map  # pylint: disable=import-outside-toplevel
+  from maxlm.hf import names as hf_names  # pylint: disable=import-outside-toplevel
+  from maxlm.state import optim  # pylint: disable=import-outside-toplevel
 
-  hf = convert.hf_config(cfg, dtype="float32", bos_id=None, eos_id=None)
+  hf = config_map.hf_config(cfg, dtype="float32", bos_id=None, eos_id=None)
   config = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
   config._attn_implementation = attention  # pylint: disable=protected-access
   model = transformers.LlamaForCausalLM(config).float().train()
@@ -90,7 +94,7 @@ def torch_side(cfg, params: dict, local_batch: dict, attention: str):
     raise SystemExit(f"weight mismatch: missing {missing}, unexpected {unexpected}")
   o = cfg.optim
   named = list(model.named_parameters())
-  # maxlm.optim.weight_decay_mask: matrices (embedding included) decay, norm scales do not.
+  # maxlm.state.optim.weight_decay_mask: matrices (embedding included) decay, norm scales do not.
   decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n]
   no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n)]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
@@ -129,7 +133,7 @@ def side_worker(conn, side: dict, shape: str, local: dict, params_file: str, att
   wall, user and system seconds of the last of n steps and its loss, until ("stop", 0)."""
   os.environ.update(side.get("env", {}))  # before jax loads: XLA_FLAGS and the like
   if side["kind"] == "maxlm":
-    from maxlm import host  # pylint: disable=import-outside-toplevel
+    from maxlm.core import host  # pylint: disable=import-outside-toplevel
     host.tune_cpu_malloc(side["malloc"])  # what `python -m maxlm.train` does before jax starts
     import jax  # pylint: disable=import-outside-toplevel
     run, state, _, lay = maxlm_side("demo", shape_overrides(shape) + side["overrides"], side["objective"], local)
@@ -138,7 +142,7 @@ def side_worker(conn, side: dict, shape: str, local: dict, params_file: str, att
         pickle.dump(jax.device_get(lay.model_params(state)), f)
   else:
     import torch  # pylint: disable=import-outside-toplevel
-    from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+    from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(threads)
     with open(params_file, "rb") as f:
       params = pickle.load(f)
@@ -161,7 +165,7 @@ def compare(shape: str, objectives: list[str], rounds: int, warmup: int, attenti
   import multiprocessing  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
 
   cfg0 = load_config("demo", shape_overrides(shape), num_devices=1)
   B, T, V = cfg0.train.global_batch, cfg0.train.seq_len, cfg0.model.vocab_size

@@ -14,12 +14,13 @@ import time
 import jax
 import numpy as np
 
-from maxlm import host
+from maxlm.core import host
 from maxlm import model as model_lib
-from maxlm import plan, sharding
-from maxlm import state as state_lib
-from maxlm import step as step_lib
-from maxlm.config import load_config
+from maxlm.state import plan
+from maxlm.core import sharding
+from maxlm.state import layout as state_lib
+from maxlm.state import step as step_lib
+from maxlm.core.config import load_config
 
 # A ~100M-parameter LLaMA (GPT-2-small width) used as the "mid-size" CPU point.
 MID_100M = ["model.vocab_size=32000", "model.hidden=768", "model.layers=12", "model.heads=12", "model.ffn=2048",

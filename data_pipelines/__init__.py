@@ -7,13 +7,13 @@ if __name__ != "maxlm.data_pipelines":  # a bare `import data_pipelines` from th
   import maxlm
   maxlm.step_aside(__name__)
 else:
-  from maxlm.data_pipelines.pipeline import DataIterator
-  from maxlm.data_pipelines.pipeline import SourceInfo
+  from maxlm.data_pipelines.batches import DataIterator
+  from maxlm.data_pipelines.batches import SourceInfo
+  from maxlm.data_pipelines.batches import eval_windows
+  from maxlm.data_pipelines.batches import make_batch
   from maxlm.data_pipelines.pipeline import build_eval_batches
   from maxlm.data_pipelines.pipeline import build_train_iterator
   from maxlm.data_pipelines.pipeline import describe
-  from maxlm.data_pipelines.pipeline import eval_windows
-  from maxlm.data_pipelines.pipeline import make_batch
   from maxlm.data_pipelines.pcfg import Grammar
   from maxlm.data_pipelines.pcfg import load_grammar
   from maxlm.data_pipelines.pcfg import parse_grammar

@@ -1,4 +1,4 @@
-"""Knowledge injection (seed 002, KE olmo/train.py insert_data): fictional-knowledge paragraphs written into the
+"""Knowledge injection (docs/KNOWLEDGE.md; kaistAI/Knowledge-Entropy olmo/train.py insert_data): fictional-knowledge paragraphs written into the
 first rows of chosen training batches, as a transform around the training DataIterator whose state it extends.
 
 Schedule (KE): the batch of step s (1-based, the step it trains) is injected when s % interval == 0, with group
@@ -18,7 +18,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from maxlm.errors import ConfigError, DataError, resolved_from
+from maxlm.core.errors import ConfigError, DataError, resolved_from
+from maxlm.data_pipelines import pipeline
+from maxlm.data_pipelines import tokenization
+from maxlm.data_pipelines.batches import make_batch
 
 GROUPS = 10  # KE's schedule cycles through 10 injection groups (train_context + 9 paraphrases)
 PROBE_FIELDS = {"memorization": ("mem_input", "mem_target"), "semantic": ("gen_input", "gen_target"),
@@ -179,7 +182,6 @@ class InjectingIterator:
     return batch if prefixes is None else self._apply(batch, prefixes)
 
   def _apply(self, batch: dict, prefixes: list[np.ndarray]) -> dict:
-    from maxlm.data_pipelines.pipeline import make_batch  # pylint: disable=import-outside-toplevel
     inputs, targets = batch["inputs"], batch["targets"]
     if inputs.shape[0] != len(self.global_rows):
       raise ValueError(f"batch of {inputs.shape[0]} rows, but this process owns {len(self.global_rows)}")
@@ -227,7 +229,6 @@ class InjectingIterator:
 
 def eos_id(data_cfg) -> int:
   """The tokenizer's end-of-text id (tokenization.special_ids: the named eos_token, else the separator)."""
-  from maxlm.data_pipelines import tokenization  # pylint: disable=import-outside-toplevel
   return tokenization.special_ids(data_cfg)[0]
 
 
@@ -254,7 +255,6 @@ def load_groups(cfg) -> tuple[list[dict], list[dict]]:
 
 def wrap_train_iterator(cfg, data_it, batch_sharding) -> InjectingIterator:
   """The training iterator with the `inject` section's schedule applied to this process's rows."""
-  from maxlm.data_pipelines import pipeline, tokenization  # pylint: disable=import-outside-toplevel
   if cfg.data.source == "sft":
     raise ConfigError("knowledge injection (inject.interval > 0) inserts paragraphs into pretraining windows; "
                       "data.source = 'sft' has none. Use a store, replay or PCFG source, or set inject.interval=0")

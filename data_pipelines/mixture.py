@@ -10,7 +10,7 @@ import os
 
 import yaml
 
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
 
 
 def _load_yaml_weights(text: str, where: str) -> dict:
@@ -37,9 +37,9 @@ def preset_weights(mixture: str) -> dict:
 
 def resolve_weights(cfg, domain_tokens: dict[str, int]) -> dict[str, float]:
   """Normalised {domain: weight} over domains with positive weight, in sorted domain order."""
-  weights = dict(getattr(cfg, "weights", None) or {})
+  weights = dict(cfg.weights or {})
   where = "data.weights"
-  if not weights and getattr(cfg, "mixture", ""):
+  if not weights and cfg.mixture:
     weights, where = preset_weights(cfg.mixture), f"data.mixture={cfg.mixture}"
   if not weights:
     weights, where = {d: n for d, n in domain_tokens.items() if n > 0}, "the store's token counts"

@@ -1,4 +1,4 @@
-"""Probabilistic context-free grammars (seed 003): two rule file formats, vectorised sampling, a word tokenizer,
+"""Probabilistic context-free grammars (docs/IMPLICIT_BIAS.md): two rule file formats, vectorised sampling, a word tokenizer,
 exact sentence and span inside probabilities and the true per-token entropy rate of the token stream.
 
 Rule files, one rule per line, fields split on whitespace (`#` starts a comment; blank lines are skipped):
@@ -6,7 +6,7 @@ Rule files, one rule per line, fields split on whitespace (`#` starts a comment;
     LHS RHS p        unary: RHS is a nonterminal if it appears as an LHS, else a terminal word
     LHS B C p        binary: B and C are nonterminals or terminals (a terminal gets an implicit preterminal)
     A rule given twice is an error.
-  IB's format (seed 003, Liuhong99/implicitbiasmlmcode pcfg/*.py, read exactly as its loader reads it):
+  IB's format (Liuhong99/implicitbiasmlmcode pcfg/*.py, read exactly as its loader reads it):
     LHS X p          unary (X a nonterminal) when LHS starts with 'S', else a terminal rule (X a word)
     LHS B C p        binary: B and C are nonterminals
     Duplicate lines are summed (IB's generator wrote some rules twice); `Grammar.merged_duplicates` counts the
@@ -38,7 +38,7 @@ import re
 
 import numpy as np
 
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
 
 SEPARATOR = "<eos>"
 UNKNOWN = "<unk>"

@@ -1,11 +1,11 @@
-"""PCFG downstream tasks (seed 003; IB pcfg/generate_downstream.py): sampled sentences of more than 4 words, each
+"""PCFG downstream tasks (docs/IMPLICIT_BIAS.md; IB pcfg/generate_downstream.py): sampled sentences of more than 4 words, each
 labelled by the nonterminal with the largest inside probability of a span, written as CSV `text,label` with IB's
 integer labels.
 
 Tasks (inside probabilities P(A =>* words[i:j]) of the span alone, as IB computes them):
   A  whole sentence, argmax over the start symbol's unary children (IB: S -> S1 | ... | Sn, one class per Si),
      not weighted by P(S -> Si), as IB. builtin:demo's start symbol S has only binary rules, so task A is refused
-     there with the fix (tasks B/C, or a grammar in IB's shape such as builtin:ib_demo or seed 003's rule file).
+     there with the fix (tasks B/C, or a grammar in IB's shape such as builtin:ib_demo or IB's rule file).
   B  span [0, 4), argmax over all nonterminals.
   C  span [0, 2), argmax over all nonterminals.
 Ties, including spans no candidate derives (all zero), go to the first candidate in IB's order: S1, S2, ... (numbered
@@ -14,7 +14,7 @@ there too (skip_underived leaves such rows out). Labels in the CSV are IB's inte
 in that order (S1 -> 0), tasks B and C the nonterminal's position among all nonterminals sorted by name (IB's
 nont_dict); `labels_json` writes the names beside the CSV. IB's chart skips unary rules; maxlm's includes unary
 chains, which only matters for grammars with unary rules below the start symbol.
-Checked against IB's own code (nltk) on seed 003's rule file: identical labels for tasks A, B and C.
+Checked against IB's own code (nltk) on IB's rule file (pcfg/rule_deep_mlm.txt): identical labels for tasks A, B and C.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import re
 import numpy as np
 
 from maxlm.data_pipelines.pcfg import Grammar
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
 
 TASKS = ("A", "B", "C")
 TASK_SPANS = {"A": None, "B": (0, 4), "C": (0, 2)}  # None: the whole sentence
@@ -73,7 +73,7 @@ def task_classes(grammar: Grammar, task: str) -> list[str]:
   if not children:
     raise DataError(f"task A labels a sentence by the start symbol's unary children (IB's S -> S1 | ... | Sn), but "
                     f"{grammar.name}'s start symbol {grammar.start} has none; use --task B or C, or a grammar whose "
-                    "start symbol has unary rules (builtin:ib_demo, or seed 003's rule file).")
+                    "start symbol has unary rules (builtin:ib_demo, or IB's rule file).")
   return children
 
 

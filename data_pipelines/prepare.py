@@ -19,8 +19,8 @@ import tensorstore as ts
 
 from maxlm.data_pipelines import raw_records
 from maxlm.data_pipelines import token_store
-from maxlm.data_pipelines.tokenization import TextTokenizer
-from maxlm.errors import DataError
+from maxlm.data_pipelines.text_tokenizer import TextTokenizer
+from maxlm.core.errors import DataError
 
 STORE_VERSION = 1
 _PARTS = "_parts/"

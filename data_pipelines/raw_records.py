@@ -8,6 +8,9 @@ import dataclasses
 import gzip
 import io
 import json
+import os
+
+from maxlm.core.errors import DataError
 
 BAD_EXAMPLES_PER_REASON = 3
 
@@ -248,8 +251,6 @@ def collect_documents(path: str, *, text_key: str = "text", domain_key: str = ""
   """{domain: [document]} of one evaluation or analysis file: JSONL (.gz/.zst; `text`, or `ids` when ids_key is
   set), Parquet, or plain text with one document per line. Bad records are counted and reported through `log`;
   a file that yields no document is a DataError naming what was wrong."""
-  import os  # pylint: disable=import-outside-toplevel
-  from maxlm.errors import DataError  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise DataError(f"data file {path!r} does not exist; pass a .jsonl (text or ids per line) or .txt file")
   stats = FileStats(path)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
+from maxlm.data_pipelines.batches import SourceInfo, make_batch
 
 _FEATURE = "targets"
 
@@ -23,7 +24,7 @@ def _seqio():
 
 def _task(cfg):
   seqio = _seqio()
-  name = getattr(cfg, "seqio_task", "")
+  name = cfg.seqio_task
   if not name:
     raise DataError("data.source=seqio needs data.seqio_task: the name of a registered seqio task or mixture.")
   try:
@@ -63,10 +64,10 @@ class SeqioIterator:
   that many batches from the deterministic (seeded) stream, so a resume is exact but costs O(steps) reads."""
 
   def __init__(self, cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
-    self._args = dict(cfg=cfg, seq_len=seq_len, split="train", shuffle=bool(getattr(cfg, "shuffle", True)),
+    self._args = dict(cfg=cfg, seq_len=seq_len, split="train", shuffle=bool(cfg.shuffle),
                       seed=seed, process_index=process_index, process_count=process_count)
     self.batch_size, self.fingerprint = batch_size, dict(fingerprint, seqio_task=cfg.seqio_task)
-    self.masking = bool(getattr(cfg, "document_masking", False))
+    self.masking = bool(cfg.document_masking)
     self.sep = describe(cfg).separator_id
     self._restart(0)
 
@@ -80,7 +81,6 @@ class SeqioIterator:
     return self
 
   def __next__(self):
-    from maxlm.data_pipelines.pipeline import make_batch  # pylint: disable=import-outside-toplevel
     rows = np.stack([next(self._gen) for _ in range(self.batch_size)])
     self.batches += 1
     return make_batch(rows, self.sep, self.masking)
@@ -104,9 +104,8 @@ def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, proce
 
 
 def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, process_count):
-  from maxlm.data_pipelines.pipeline import make_batch  # pylint: disable=import-outside-toplevel
   info = describe(cfg)
-  masking = bool(getattr(cfg, "document_masking", False))
+  masking = bool(cfg.document_masking)
   gen = _windows(cfg, seq_len=seq_len, split="validation", shuffle=False, seed=0, process_index=process_index,
                  process_count=process_count)
   batches = []
@@ -119,7 +118,6 @@ def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, 
 
 
 def describe(cfg):
-  from maxlm.data_pipelines.pipeline import SourceInfo  # pylint: disable=import-outside-toplevel
   _, task = _task(cfg)
   vocab = _vocabulary(task)
   sep = vocab.eos_id if vocab.eos_id is not None else 0

@@ -18,10 +18,13 @@ import threading
 import grain
 import numpy as np
 
+from maxlm.core.errors import ConfigError, DataError
+from maxlm.core.config import IGNORE_INDEX
+from maxlm.data_pipelines.batches import DataIterator, SourceInfo, to_iter
 from maxlm.data_pipelines.raw_records import FileStats, bad_summary
-from maxlm.errors import ConfigError, DataError
+from maxlm.data_pipelines.text_tokenizer import TextTokenizer
+from maxlm.data_pipelines.tokenization import run_tokenizer
 
-IGNORE = -100
 _INFINITE_ROWS = 1 << 40
 # Stanford Alpaca's train.py PROMPT_DICT, verbatim (the response follows "### Response:" with no separator).
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -45,7 +48,6 @@ class SFTTokenizer:
   template and special-token strings of the tokenizer_config.json beside it."""
 
   def __init__(self, path: str):
-    from maxlm.data_pipelines.tokenization import TextTokenizer  # pylint: disable=import-outside-toplevel
     self.text = TextTokenizer(path)  # checks the file; its separator is the EOS fallback
     self.path, self.kind, self.vocab_size = path, self.text.kind, self.text.vocab_size
     self.config = {}
@@ -64,9 +66,8 @@ class SFTTokenizer:
   def _id(self, token, default: int) -> int:
     if token is None:
       return default
-    raw = self.text._load()  # pylint: disable=protected-access
-    found = raw.token_to_id(token) if self.kind == "hf" else raw.piece_to_id(token)
-    return default if found is None else int(found)
+    found = self.text.token_id(token)
+    return default if found is None else found
 
   def encode(self, texts: list[str], *, special: bool) -> list[list[int]]:
     return self.text.encode_with_special_tokens(texts) if special else self.text.encode_batch(texts)
@@ -187,7 +188,7 @@ def alpaca_examples(records: list[dict], tok: SFTTokenizer) -> list[tuple[np.nda
   for ids, n_prompt in zip(fulls, prompt_lens):
     ids = np.asarray(ids + [tok.eos_id], np.int32)
     labels = ids.copy()
-    labels[:n_prompt] = IGNORE
+    labels[:n_prompt] = IGNORE_INDEX
     out.append((ids, labels))
   return out
 
@@ -197,7 +198,7 @@ def chat_example(messages: list[dict], tok: SFTTokenizer, render) -> tuple[np.nd
   transformers' apply_chat_template): every assistant turn is a response, its span the tokens between the rendered
   conversation up to the turn (with the generation prompt) and through it; EOS ends it unless the template did."""
   ids = tok.encode([render(messages, False)], special=False)[0]
-  labels = [IGNORE] * len(ids)
+  labels = [IGNORE_INDEX] * len(ids)
   for k, message in enumerate(messages):
     if message["role"] != "assistant":
       continue
@@ -206,7 +207,7 @@ def chat_example(messages: list[dict], tok: SFTTokenizer, render) -> tuple[np.nd
     labels[start:end] = ids[start:end]
   if not ids or ids[-1] != tok.eos_id:
     ids.append(tok.eos_id)
-    labels.append(tok.eos_id if messages[-1]["role"] == "assistant" else IGNORE)
+    labels.append(tok.eos_id if messages[-1]["role"] == "assistant" else IGNORE_INDEX)
   return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
 
@@ -251,9 +252,8 @@ def _file_key(path: str) -> tuple:
 def tokenizer_of(cfg) -> SFTTokenizer:
   """The SFT tokenizer of a data section: data.tokenizer, else the tokenizer file its token store names (a run
   trained on a store, evaluated on instruction data)."""
-  path = getattr(cfg, "tokenizer", "")
+  path = cfg.tokenizer
   if not path:
-    from maxlm.data_pipelines.tokenization import run_tokenizer  # pylint: disable=import-outside-toplevel
     kind, found = run_tokenizer(cfg)
     if kind != "file":
       raise DataError("instruction data is tokenized with a tokenizer file, but data.tokenizer is empty and the run "
@@ -267,8 +267,8 @@ def tokenizer_of(cfg) -> SFTTokenizer:
 def load(cfg, path: str = "", *, split: bool = True) -> SFTData:
   """The examples of data.path (or `path`), tokenized once per file, tokenizer and template (cached). Bad records are
   counted by reason; a file without one usable record is a DataError naming what was wrong."""
-  path = path or getattr(cfg, "path", "")
-  template, fraction = getattr(cfg, "sft_template", "auto"), float(getattr(cfg, "validation_fraction", 0.0))
+  path = path or cfg.path
+  template, fraction = cfg.sft_template, float(cfg.validation_fraction)
   if not split:
     fraction = 0.0
   tok = tokenizer_of(cfg)
@@ -311,7 +311,7 @@ def _load(path: str, tok: SFTTokenizer, template: str, fraction: float) -> SFTDa
 
 
 def check_config(cfg) -> None:
-  if getattr(cfg, "sft_packing", True) and not getattr(cfg, "document_masking", False):
+  if cfg.sft_packing and not cfg.document_masking:
     raise ConfigError("data.sft_packing = true packs several examples into each row, which needs "
                       "data.document_masking = true (else examples attend to each other); set it, or set "
                       "data.sft_packing = false for one padded example per row")
@@ -328,7 +328,7 @@ def truncate(examples: list, seq_len: int) -> tuple[list, int, int]:
     if len(ids) > seq_len + 1:
       truncated += 1
       ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
-      if not (labels[1:] != IGNORE).any():
+      if not (labels[1:] != IGNORE_INDEX).any():
         dropped += 1
         continue
     kept.append((ids, labels))
@@ -357,7 +357,7 @@ def row_arrays(examples: list, row: list[int], seq_len: int, pad_id: int) -> dic
   """One row: inputs / targets / segment_ids (seq_len,) int32; example j of the row is segment j + 1, padding is
   segment 0 with targets -100."""
   inputs = np.full(seq_len, pad_id, np.int32)
-  targets = np.full(seq_len, IGNORE, np.int32)
+  targets = np.full(seq_len, IGNORE_INDEX, np.int32)
   segments = np.zeros(seq_len, np.int32)
   offset = 0
   for j, i in enumerate(row):
@@ -423,7 +423,6 @@ def _content_hash(examples: list) -> str:
 def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
   """Infinite batches of this process's rows (row r of the global order goes to process r % process_count), with
   grain's resumable iterator state."""
-  from maxlm.data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
   check_config(cfg)
   data = load(cfg)
   tok = tokenizer_of(cfg)
@@ -435,13 +434,13 @@ def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, proce
   if process_index == 0:
     print(data.summary(seq_len) + (f"; {dropped} of the truncated keep no response token and are skipped"
                                    if dropped else ""))
-  packing, shuffle = bool(getattr(cfg, "sft_packing", True)), bool(getattr(cfg, "shuffle", True))
+  packing, shuffle = bool(cfg.sft_packing), bool(cfg.shuffle)
   fingerprint = dict(fingerprint, sft=_content_hash(train), sft_packing=packing, sft_template=cfg.sft_template,
                      validation_fraction=float(cfg.validation_fraction))
   rows = EpochRows(train, seq_len, tok.pad_id, packing=packing, shuffle=shuffle, seed=seed)
   ds = grain.MapDataset.source(rows).slice(slice(process_index, None, process_count))
   ds = ds.batch(batch_size, drop_remainder=True)
-  return pipeline.DataIterator(pipeline._to_iter(ds, cfg), fingerprint)  # pylint: disable=protected-access
+  return DataIterator(to_iter(ds, cfg), fingerprint)
 
 
 def batches_of(examples: list, seq_len: int, pad_id: int, *, batch_size: int, num_batches: int, packing: bool,
@@ -469,7 +468,7 @@ def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, 
   if not examples:
     return {}
   return {"sft": batches_of(examples, seq_len, tokenizer_of(cfg).pad_id, batch_size=batch_size,
-                            num_batches=num_batches, packing=bool(getattr(cfg, "sft_packing", True)),
+                            num_batches=num_batches, packing=bool(cfg.sft_packing),
                             process_index=process_index, process_count=process_count)}
 
 
@@ -488,7 +487,6 @@ def file_batches(cfg, path: str, *, seq_len: int, batch_size: int, num_batches: 
 
 def describe(cfg):
   """SourceInfo of the instruction data: the tokenizer's vocabulary and EOS (reading the file fails fast here)."""
-  from maxlm.data_pipelines.pipeline import SourceInfo  # pylint: disable=import-outside-toplevel
   check_config(cfg)
   tok = tokenizer_of(cfg)
   load(cfg)

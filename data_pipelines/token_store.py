@@ -16,7 +16,8 @@ import tempfile
 import numpy as np
 import tensorstore as ts
 
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
+from maxlm.data_pipelines.text_tokenizer import TextTokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "maxlm-token-store"
@@ -183,8 +184,7 @@ class TokenStore:
       f.write(raw)
     return local
 
-  def tokenizer(self, override: str = ""):
-    from maxlm.data_pipelines.tokenization import TextTokenizer  # pylint: disable=import-outside-toplevel
+  def tokenizer(self, override: str = "") -> TextTokenizer:
     if self._tokenizer is None:
       path = override or self.tokenizer_path()
       if not path:

@@ -8,8 +8,8 @@ import importlib
 import sys
 from typing import Optional
 
-from maxlm import host
-from maxlm.errors import cli_description, cli_exit_code
+from maxlm.core import host
+from maxlm.core.errors import cli_description, cli_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maxlm.errors import cli_description, cli_exit_code
+from maxlm.core.errors import cli_description, cli_exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   i.add_argument("store")
   i.add_argument("--sample-tokens", type=int, default=48)
   t = sub.add_parser(
-      "pcfg-tasks", help="labelled PCFG sentences (seed 003's downstream tasks A/B/C) as CSV text,label",
+      "pcfg-tasks", help="labelled PCFG sentences (the implicit-bias paper's downstream tasks A/B/C) as CSV text,label",
       description="Sentences of more than 4 words sampled from a grammar, each labelled by the nonterminal with the "
       "largest inside probability of a span (ties: S1, S2, ... first, then the other names sorted, as IB). A: the "
       "whole sentence, over the start symbol's unary children (IB's S1..Sn; builtin:demo's start symbol has none, so "

@@ -1,10 +1,10 @@
-"""Reference loss math (DESIGN.md section 4): the spec that every fused kernel is tested against.
+"""Reference loss math (docs/LOSSES.md): the spec that every fused kernel is tested against.
 
 Owns the per-token statistics (`token_stats`), every objective formula (`combine`) and the public losses.
 
 Contract (the seam the fused kernels in maxlm.kernels build on):
 
-  token_stats(logits, labels, *, cost_embedding=None, ignore_index=-100, entropy_floor=0.0)
+  token_stats(logits, labels, *, cost_embedding=None, ignore_index=IGNORE_INDEX, entropy_floor=0.0)
       -> {"ce", "entropy", "p_y", "mask"} (+ "emo" when cost_embedding is given),
       each an fp32 array with the leading shape of `labels`.
   combine(objective, stats, *, psum_axes=None, **combine_kwargs) -> (loss, metrics)
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm.errors import ConfigError
+from maxlm.core.config import IGNORE_INDEX
+from maxlm.core.errors import ConfigError
 
 # MiLe's reference code clamps the softmax to [1e-8, 1] before taking the entropy.
 REFERENCE_ENTROPY_FLOOR = 1e-8
@@ -41,12 +42,12 @@ EMO_RATIO_EPS = 1e-10
 # Keyword arguments of each objective beyond (logits, labels), with defaults: the single table the
 # public signatures, the dispatcher and the kernels' kwarg split all agree on.
 OBJECTIVE_KWARGS: dict[str, dict[str, Any]] = {
-  "ce": {"ignore_index": -100},
-  "mile": {"gamma": 1.0, "ignore_index": -100, "reduction": "valid", "entropy_floor": 0.0},
-  "focal": {"gamma": 1.0, "ignore_index": -100},
-  "emo": {"mode": 1, "clamp": 3.0, "gt_trick": False, "ignore_index": -100},
-  "mixce": {"ratio": 0.5, "ignore_index": -100},
-  "tvd": {"ratio": 0.5, "ignore_index": -100},
+  "ce": {"ignore_index": IGNORE_INDEX},
+  "mile": {"gamma": 1.0, "ignore_index": IGNORE_INDEX, "reduction": "valid", "entropy_floor": 0.0},
+  "focal": {"gamma": 1.0, "ignore_index": IGNORE_INDEX},
+  "emo": {"mode": 1, "clamp": 3.0, "gt_trick": False, "ignore_index": IGNORE_INDEX},
+  "mixce": {"ratio": 0.5, "ignore_index": IGNORE_INDEX},
+  "tvd": {"ratio": 0.5, "ignore_index": IGNORE_INDEX},
 }
 # Kwargs consumed by token_stats; all others go to combine.
 _STATS_KWARGS = ("ignore_index", "entropy_floor")
@@ -56,7 +57,7 @@ _COMBINE_KWARGS = {
 STAT_KEYS = ("ce", "entropy", "p_y", "mask")
 
 
-def token_stats(logits, labels, *, cost_embedding=None, ignore_index=-100, entropy_floor=0.0):
+def token_stats(logits, labels, *, cost_embedding=None, ignore_index=IGNORE_INDEX, entropy_floor=0.0):
   """Per-token statistics of logits (..., V) against labels (...), all fp32 of shape (...).
 
   "ce": logsumexp(z) - z_y, 0 where ignored. "entropy": -sum p log p (natural log) at EVERY
@@ -178,7 +179,7 @@ def _check_combine_kwargs(objective: str, kwargs: dict[str, Any]) -> dict[str, A
 
 
 def combine(objective: str, stats: dict[str, jax.Array], *, psum_axes=None, **kwargs):
-  """All objective formulas of DESIGN.md section 4, from per-token stats: returns (loss, metrics).
+  """All objective formulas of docs/LOSSES.md, from per-token stats: returns (loss, metrics).
 
   stats: the dict of `token_stats` ("ce", "entropy", "p_y", "mask", and "emo" for objective "emo"),
   fp32 arrays of one common leading shape; every element is one position. kwargs: the objective's
@@ -318,12 +319,12 @@ def _loss(objective, logits, labels, cost_embedding, kwargs):
   return combine(objective, stats, **combine_kwargs)
 
 
-def cross_entropy(logits, labels, *, ignore_index=-100):
+def cross_entropy(logits, labels, *, ignore_index=IGNORE_INDEX):
   """Mean cross-entropy over valid tokens: sum(m * CE) / M."""
   return _loss("ce", logits, labels, None, dict(ignore_index=ignore_index))
 
 
-def mile(logits, labels, *, gamma=1.0, ignore_index=-100, reduction="valid", entropy_floor=0.0):
+def mile(logits, labels, *, gamma=1.0, ignore_index=IGNORE_INDEX, reduction="valid", entropy_floor=0.0):
   """MiLe (InfoEntropy) loss: CE weighted by sg((1 + H)^gamma), normalised to mean weight 1.
 
   reduction="reference" reproduces the authors' code: softmax clamped to [1e-8, 1] for H (or to
@@ -333,12 +334,12 @@ def mile(logits, labels, *, gamma=1.0, ignore_index=-100, reduction="valid", ent
                dict(gamma=gamma, ignore_index=ignore_index, reduction=reduction, entropy_floor=entropy_floor))
 
 
-def focal(logits, labels, *, gamma=1.0, ignore_index=-100):
+def focal(logits, labels, *, gamma=1.0, ignore_index=IGNORE_INDEX):
   """Focal loss as the MiLe paper's baseline: CE weighted by sg((1 - p_y)^gamma), normalised."""
   return _loss("focal", logits, labels, None, dict(gamma=gamma, ignore_index=ignore_index))
 
 
-def emo(logits, labels, cost_embedding, *, mode=1, clamp=3.0, gt_trick=False, ignore_index=-100):
+def emo(logits, labels, cost_embedding, *, mode=1, clamp=3.0, gt_trick=False, ignore_index=IGNORE_INDEX):
   """EMO loss with cost embedding (V, dE), always under stop-gradient; defaults = EMOLoss 0.0.3."""
   if cost_embedding is None:
     raise ConfigError(
@@ -347,12 +348,12 @@ def emo(logits, labels, cost_embedding, *, mode=1, clamp=3.0, gt_trick=False, ig
                dict(mode=mode, clamp=clamp, gt_trick=gt_trick, ignore_index=ignore_index))
 
 
-def mixce(logits, labels, *, ratio=0.5, ignore_index=-100):
+def mixce(logits, labels, *, ratio=0.5, ignore_index=IGNORE_INDEX):
   """MixCE (EMO paper baseline): r*CE + (1-r)*sg(p_y)*CE."""
   return _loss("mixce", logits, labels, None, dict(ratio=ratio, ignore_index=ignore_index))
 
 
-def tvd(logits, labels, *, ratio=0.5, ignore_index=-100):
+def tvd(logits, labels, *, ratio=0.5, ignore_index=IGNORE_INDEX):
   """TVD (EMO paper baseline): r*CE + (1-r)*clip(q / ((1-r) + r*q), 0.2, 1)*CE, q = sg(p_y)."""
   return _loss("tvd", logits, labels, None, dict(ratio=ratio, ignore_index=ignore_index))
 

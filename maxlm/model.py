@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.config import ModelConfig
-from maxlm.sharding import constrain
+from maxlm.core.config import ModelConfig
+from maxlm.core.sharding import constrain
 
-# The params entry holding low-rank adapters per projection (maxlm.lora), beside the decoder's own weights.
+# The params entry holding low-rank adapters per projection (maxlm.state.lora), beside the decoder's own weights.
 ADAPTERS = "lora"
 
 REMAT_POLICIES = {
@@ -183,13 +183,13 @@ def attention(cfg: ModelConfig, q, k, v, mask, segment_ids=None):
   """Causal attention (B, T, N, H) with grouped KV heads through the backend cfg.attention names (kernels.attention:
   XLA, cuDNN flash on GPU, splash on TPU); `mask` (B, 1, T, T) or `segment_ids` (B, T) masks documents."""
   from maxlm.kernels import attention as attention_backends  # kernels/ owns the attention backends
-  from maxlm.sharding import active_mesh
+  from maxlm.core.sharding import active_mesh
   return attention_backends.attention(q, k, v, backend=cfg.attention, mask_Bx1xTxT=mask, segment_ids_BxT=segment_ids,
                                       mesh=active_mesh())
 
 
 def project(w: dict, name: str, x_BxTxI: jax.Array, dtype) -> jax.Array:
-  """x @ w[name] in `dtype`, plus the projection's low-rank adapter when `w` carries one (maxlm.lora):
+  """x @ w[name] in `dtype`, plus the projection's low-rank adapter when `w` carries one (maxlm.state.lora):
   dropout(x) @ A @ B with B already scaled by alpha / rank, dropout only when the adapter holds a key (training).
   The one projection of every block, for training, evaluation and cached decoding alike."""
   y_BxTxO = matmul(x_BxTxI, w[name].astype(dtype))
@@ -248,7 +248,7 @@ def decoder_block(cfg: ModelConfig, w: dict, x_BxTxD, cos, sin, mask, dtype):
 
 # ----------------------------------------------------------------------------- decoding with a KV cache
 
-# The cache is an activation: batch over (data, fsdp), kv heads over tensor (maxlm.sharding.RULES).
+# The cache is an activation: batch over (data, fsdp), kv heads over tensor (maxlm.core.sharding.RULES).
 KV_CACHE_AXES = ("layers", "batch", "length", "act_heads", None)
 
 
@@ -261,14 +261,6 @@ class KVCache:
   v_LxBxSxKxH: jax.Array
   start_B: jax.Array  # int32
   length: jax.Array  # int32 scalar
-
-
-def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype) -> KVCache:
-  """An empty cache of `cache_len` slots per row (what `prefill` returns has the same structure)."""
-  d = Dims.of(cfg)
-  shape = (d.layers, batch, cache_len, d.kv_heads, d.head_dim)
-  zeros = constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES)
-  return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxTxS):
@@ -372,7 +364,7 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 def bind(graphdef, params: dict) -> Decoder:
   """A Decoder whose weights are the arrays of `params` (a pure dict); usable inside jit and grad. An ADAPTERS entry
-  (LoRA adapters, maxlm.lora) rides along in `layers.weights()`, so every projection applies it."""
+  (LoRA adapters, maxlm.state.lora) rides along in `layers.weights()`, so every projection applies it."""
   model = nnx.merge(graphdef, {k: v for k, v in params.items() if k != ADAPTERS})
   if ADAPTERS in params:
     model.layers.adapters = nnx.data(params[ADAPTERS])

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Optional
 
-from maxlm.errors import DataError, cli_description, cli_exit_code
-from maxlm.metrics_log import read_metrics
+from maxlm.core.errors import DataError, cli_description, cli_exit_code
+from maxlm.run.trackers import read_metrics
 
 DEFAULT_METRICS = ("ce", "eval/uniform_avg")
 # Metrics in nats per token: the ones the entropy floor is drawn against.

@@ -1,18 +1,25 @@
 """Any model maxlm can read, by one spec: a run directory (its newest step), `RUN@STEP`, `RUN@all` (every kept step)
-or a Hugging Face LLaMA / OLMo v1 directory (imported in memory). Evaluation, generation and analysis load here.
+or a Hugging Face LLaMA / OLMo v1 directory (imported in memory). Evaluation, generation, analysis and init_from load
+here; a LoRA checkpoint becomes a decoder here (its base with the adapters merged in), and nowhere else.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
+import jax
+from jax.sharding import PartitionSpec
 
-from maxlm import checkpoint
-from maxlm.config import Config
-from maxlm.errors import CheckpointError, DataError
+from maxlm.checkpoint.params import load_params as load_plain_params, open_checkpoints
+from maxlm.checkpoint.spec import is_hf_dir, one_checkpoint, split_spec
+from maxlm.core.trees import describe_mismatch, flat_tree
+from maxlm.state import lora
+from maxlm.checkpoint.params import TRAINED_KEYS
+from maxlm.core.config import Config
+from maxlm.core.errors import CheckpointError
 
 
 @dataclasses.dataclass
@@ -25,22 +32,6 @@ class Pretrained:
   step: Optional[int]  # None for an HF directory
   kind: str  # "run" | "hf"
 
-  @property
-  def name(self) -> str:
-    return self.spec
-
-
-def is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def split_spec(spec: str) -> tuple[str, Optional[str]]:
-  """'runs/x@300' -> ('runs/x', '300'); 'runs/x@all' -> ('runs/x', 'all'); 'runs/x' -> ('runs/x', None)."""
-  path, sep, step = spec.rpartition("@")
-  if sep and path and (step == "all" or step.isdigit()):
-    return path, step
-  return spec, None
-
 
 def expand(spec: str) -> list[str]:
   """The checkpoint specs a user's spec stands for: `RUN@all` -> every kept step, oldest first."""
@@ -49,7 +40,7 @@ def expand(spec: str) -> list[str]:
     return [spec]
   if is_hf_dir(path):
     raise CheckpointError(f"{spec}: an HF directory has one set of weights; drop '@all'")
-  with checkpoint.open_checkpoints(path) as ckpt:
+  with open_checkpoints(path) as ckpt:
     steps = ckpt.steps()
   if not steps:
     raise CheckpointError(f"{path} holds no finalised checkpoint")
@@ -69,99 +60,66 @@ def load(spec: str, *, abstract: Optional[dict] = None, hf_config: Optional[str]
   if is_hf_dir(path):
     if step is not None:
       raise CheckpointError(f"{spec}: an HF directory has no steps; drop '@{step}'")
-    from maxlm import convert  # pylint: disable=import-outside-toplevel
-    cfg, params, frozen = convert.read_hf(path, config=hf_config)
+    from maxlm.hf import imports  # pylint: disable=import-outside-toplevel  (torch-free, but heavy)
+    cfg, params, frozen = imports.read_hf(path, config=hf_config)
     return Pretrained(spec, cfg, params, frozen, None, "hf")
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint {path!r} does not exist: pass a maxlm run directory (optionally RUN@STEP or "
                           "RUN@all) or a Hugging Face model directory (config.json + weights)")
-  with checkpoint.open_checkpoints(path) as ckpt:
+  with open_checkpoints(path) as ckpt:
     resolved = ckpt.resolve_step(int(step) if step is not None else None)
-  cfg, params, frozen = checkpoint.load_params(path, resolved, abstract=abstract)
+  cfg, params, frozen = load_params(path, resolved, abstract=abstract)
   return Pretrained(spec, cfg, params, frozen, resolved, "run")
 
 
-# ----------------------------------------------------------------------------- text
+def load_one(spec: str, step: Optional[int] = None) -> Pretrained:
+  """The one checkpoint a spec (RUN, RUN@STEP, HF directory) and a command's optional --step name."""
+  path, step = one_checkpoint(spec, step)
+  return load(path if step is None else f"{path}@{step}")
 
 
-@dataclasses.dataclass
-class TextCodec:
-  """The tokenizer of a loaded model: its text encoder, decoder, pad / end-of-text ids and the special tokens its
-  transformers tokenizer puts around a text (LLaMA's <s>), so a text is scored and continued as transformers would."""
-  encode_text: Callable[[list[str]], list[list[int]]]  # the text's own ids, no special tokens
-  decode: Callable[[list[int]], str]
-  eos_id: int
-  pad_id: int
-  before: list[int] = dataclasses.field(default_factory=list)
-  after: list[int] = dataclasses.field(default_factory=list)
-
-  def encode_batch(self, texts: list[str], max_length: Optional[int] = None) -> list[list[int]]:
-    """transformers' `tokenizer(text)["input_ids"]` for each text: its ids inside the tokenizer's special tokens;
-    with `max_length`, truncated as `truncation=True` does (the text is cut, the special tokens kept)."""
-    room = None if max_length is None else max(max_length - len(self.before) - len(self.after), 0)
-    return [(self.before + list(ids)[:room] + self.after)[:max_length] for ids in self.encode_text(texts)]
+def load_params(path: str, step: Optional[int] = None, *,
+                abstract: Optional[dict] = None) -> tuple[Config, dict, dict]:
+  """(config, decoder weights, frozen entries) of a maxlm checkpoint, as maxlm.checkpoint.params.load_params gives
+  them, except that a LoRA checkpoint (adapters only) comes as its base's weights with the adapters merged in (its
+  config then says lora.rank = 0). `abstract`: see maxlm.checkpoint.params.load_params."""
+  with open_checkpoints(path) as ckpt:
+    step = ckpt.resolve_step(step)
+    cfg = ckpt.config(step)
+    if cfg.lora.rank > 0:
+      return _load_merged(ckpt, path, step, cfg, abstract)
+  return load_plain_params(path, step, abstract=abstract)
 
 
-def text_codec(cfg: Config) -> TextCodec:
-  """The model's tokenizer (data.tokenizer, the token store's, or the PCFG's). EOS and pad are the tokens its
-  tokenizer_config / special tokens map names, else its end-of-text separator (for pad: else EOS)."""
-  from maxlm.data_pipelines import tokenization  # pylint: disable=import-outside-toplevel
-  kind, what = tokenization.run_tokenizer(cfg.data)
-  if kind is None:
-    raise DataError(f"cannot tokenize text for this checkpoint: {what}. Give token ids instead (JSONL with an 'ids' "
-                    "field) or set data.tokenizer in the run's config")
-  tok = tokenization.run_text_tokenizer(cfg.data)
-  eos, pad = tokenization.special_ids(cfg.data, tok)
-  before, after = tok.special_tokens()
-  return TextCodec(tok.encode_batch, tok.decode, eos, pad, list(before), list(after))
+# ----------------------------------------------------------------------------- LoRA checkpoints
 
 
-@dataclasses.dataclass
-class Rows:
-  """Documents as fixed-length rows: ids (N, T) int32 right-padded with the pad id, mask (N, T) 1 on real tokens."""
-  ids: np.ndarray
-  mask: np.ndarray
-
-
-def document_rows(path: str, codec: Optional[TextCodec], *, seq_len: int, max_docs: int = 0, pad_id: int = 0,
-                  vocab_size: int = 0, special_tokens: bool = True, log=print) -> Rows:
-  """Rows of `seq_len` tokens from a data file (JSONL `text` tokenized with `codec` as transformers' tokenizer does,
-  special tokens included unless `special_tokens` is False; or `ids` used as they are; plain text one document per
-  line), each document truncated or right-padded; `max_docs` 0 = all. With `vocab_size`, an id outside the model's
-  vocabulary is a DataError."""
-  from maxlm.data_pipelines.raw_records import collect_documents  # pylint: disable=import-outside-toplevel
-  docs = [d for group in collect_documents(path, ids_key="ids", log=log).values() for d in group]
-  if max_docs:
-    docs = docs[:max_docs]
-  texts = [i for i, d in enumerate(docs) if isinstance(d, str)]
-  if texts and codec is None:
-    raise DataError(f"{path} holds text, but this checkpoint has no tokenizer; give token ids (an 'ids' field)")
-  if texts:
-    chosen = [docs[i] for i in texts]
-    encoded = dict(zip(texts, codec.encode_batch(chosen, seq_len) if special_tokens else codec.encode_text(chosen)))
+def _load_merged(ckpt, path: str, step: int, cfg: Config, abstract: Optional[dict]) -> tuple[Config, dict, dict]:
+  """load_params of a LoRA checkpoint: (its config with lora.rank = 0, as the weights now are a plain
+  decoder; base + merged adapters; frozen entries), the base loaded as any checkpoint (so a base that is itself a
+  LoRA checkpoint merges too). With `abstract`, the merge runs sharded like the base; without, on host arrays."""
+  source = lora.base_path(ckpt, step, cfg, path)
+  merged_cfg = copy.deepcopy(cfg)
+  merged_cfg.lora.rank = 0
+  _, base, base_frozen = load_params(source, abstract=abstract)
+  saved = ckpt.state_metadata(step).tree
+  if "params" not in saved:
+    raise CheckpointError(f"checkpoint step {step} under {path} holds no adapters")
+  adapters = ckpt.restore_subtree(("params",), step)["params"]
+  names = tuple(k for k in saved if k not in TRAINED_KEYS)
+  if abstract is not None:
+    flat = flat_tree
+    names = tuple(k for k in names if k in abstract and not describe_mismatch(flat(abstract[k]),
+                                                                                         flat(saved[k])))
+    shardings = {k: jax.tree.map(lambda a: a.sharding, abstract[k]) for k in names}
+    own = ckpt.restore_subtree(names, step, shardings=shardings) if names else {}
   else:
-    encoded = {}
-  pad = codec.pad_id if codec is not None else pad_id
-  ids = np.full((len(docs), seq_len), pad, np.int32)
-  mask = np.zeros((len(docs), seq_len), np.int32)
-  for i, doc in enumerate(docs):
-    tokens = (encoded[i] if i in encoded else doc)[:seq_len]
-    ids[i, :len(tokens)] = tokens
-    mask[i, :len(tokens)] = 1
-  if not mask.any():
-    raise DataError(f"{path}: every document tokenized to zero tokens")
-  top = int(ids[mask > 0].max())
-  if vocab_size and top >= vocab_size:
-    raise DataError(f"{path} holds token id {top} but the model's vocabulary has {vocab_size} entries: the ids come "
-                    "from another tokenizer")
-  return Rows(ids, mask)
-
-
-def model_rows(cfg: Config, path: str, *, seq_len: int, max_docs: int = 0, log=print) -> Rows:
-  """document_rows of a data file for a model: text tokenized with its codec (a model without a tokenizer reads
-  `ids` records only, and says so for text), ids checked against its vocabulary."""
-  try:
-    codec = text_codec(cfg)
-  except DataError:
-    codec = None  # ids-only files still work; a text file then says it needs a tokenizer
-  return document_rows(path, codec, seq_len=seq_len, max_docs=max_docs, vocab_size=cfg.model.vocab_size, log=log)
+    own = ckpt.restore_subtree(names, step) if names else {}
+  if abstract is None:
+    return merged_cfg, lora.merge(cfg, base, adapters), {**base_frozen, **own}
+  mesh = jax.tree.leaves(abstract["params"])[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, PartitionSpec())
+  adapters = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), adapters)
+  out_shardings = jax.tree.map(lambda a: a.sharding, abstract["params"])
+  merged = jax.jit(lambda b, a: lora.merge(cfg, b, a), out_shardings=out_shardings)(base, adapters)
+  return merged_cfg, merged, {**base_frozen, **own}

@@ -96,7 +96,7 @@ from IPython.display import Image, display
 
 from maxlm import generate, plot, train
 from maxlm.analysis import knowledge_entropy, token_difficulty
-from maxlm.config import load_config
+from maxlm.core.config import load_config
 from maxlm.data_pipelines import pcfg
 
 GRAMMAR = "builtin:demo"

@@ -12,9 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from maxlm import checkpoint, model
-from maxlm.config import CheckpointConfig, load_config
-from maxlm.errors import CheckpointError
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import pretrained
+from maxlm import model
+from maxlm.checkpoint import checkpointer as checkpoint
+from maxlm.core.config import CheckpointConfig, load_config
+from maxlm.core.errors import CheckpointError
 
 TINY = ["model.layers=2", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.ffn=64",
         "model.vocab_size=61", "train.seq_len=16", "train.global_batch=4"]
@@ -58,7 +61,7 @@ def test_round_trip_with_optimizer_and_data_state(tmp_path, cfg):
   assert_trees_equal(restored, state)
   assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
   assert restored_data == {"epoch": 1, "position": 12345, "grain": b"\x00\x01binary", "nested": {"a": [1, 2]}}
-  loaded_cfg, params, extras = checkpoint.load_params(str(tmp_path))
+  loaded_cfg, params, extras = pretrained.load_params(str(tmp_path))
   assert loaded_cfg.to_dict() == cfg.to_dict()
   assert_trees_equal(params, state["params"])
   np.testing.assert_array_equal(extras["cost_embedding"], state["cost_embedding"])
@@ -78,14 +81,14 @@ def test_retention_keeps_last_and_every_kth(tmp_path, cfg):
 
 def test_missing_dir_and_missing_step(tmp_path, cfg):
   with pytest.raises(CheckpointError, match="does not exist"):
-    checkpoint.load_params(str(tmp_path / "nope"))
+    pretrained.load_params(str(tmp_path / "nope"))
   os.makedirs(tmp_path / "empty")
   with pytest.raises(CheckpointError, match="holds no 'checkpoints/'"):
-    checkpoint.load_params(str(tmp_path / "empty"))
+    pretrained.load_params(str(tmp_path / "empty"))
   (tmp_path / "empty" / "config.json").write_text("{}")  # what transformers' save_pretrained leaves
   with pytest.raises(CheckpointError, match="is a Hugging Face model directory, not a maxlm run; import it first "
                                             "with `python -m maxlm.convert from-hf"):
-    checkpoint.load_params(str(tmp_path / "empty"))
+    pretrained.load_params(str(tmp_path / "empty"))
   state = {"params": {"w": jnp.ones((3,))}}
   with checkpoint.Checkpointer(str(tmp_path / "run"), CheckpointConfig(every=1, async_save=False)) as ckpt:
     for step in (1, 2, 3):
@@ -93,7 +96,7 @@ def test_missing_dir_and_missing_step(tmp_path, cfg):
     with pytest.raises(CheckpointError, match="available steps: 1, 2, 3"):
       ckpt.restore(abstract(state), step=5)
   with pytest.raises(CheckpointError, match="available steps: 1, 2, 3"):
-    checkpoint.load_params(str(tmp_path / "run"), step=9)
+    pretrained.load_params(str(tmp_path / "run"), step=9)
 
 
 def test_shape_and_structure_mismatch_is_explained(tmp_path, cfg):
@@ -110,12 +113,12 @@ def test_shape_and_structure_mismatch_is_explained(tmp_path, cfg):
 
 def test_params_only_checkpoint_says_use_init_from(tmp_path, cfg):
   state = tiny_state(cfg)
-  checkpoint.save_params(str(tmp_path), cfg, state["params"])
+  ckpt_params.save_params(str(tmp_path), cfg, state["params"])
   with checkpoint.Checkpointer(str(tmp_path), CheckpointConfig()) as ckpt:
     with pytest.raises(CheckpointError, match="checkpoint.init_from"):
       ckpt.restore(abstract(state))
   with pytest.raises(CheckpointError, match="already holds step 0"):
-    checkpoint.save_params(str(tmp_path), cfg, state["params"])
+    ckpt_params.save_params(str(tmp_path), cfg, state["params"])
 
 
 def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path, cfg):
@@ -134,7 +137,7 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path, cfg):
       ckpt.restore(abstract(state))
   shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")
   with pytest.raises(CheckpointError, match="incomplete: its 'state' item is missing"):
-    checkpoint.load_params(str(tmp_path), step=1)
+    pretrained.load_params(str(tmp_path), step=1)
 
 
 def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, cfg):
@@ -153,7 +156,7 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, cfg):
 
 def reshard(path, n, mode, step):
   """Saves or restores sharded params + optimizer state on an (1, n/2, 2) mesh of the current process."""
-  from maxlm import sharding  # pylint: disable=import-outside-toplevel
+  from maxlm.core import sharding  # pylint: disable=import-outside-toplevel
   assert len(jax.devices()) == n
   cfg = load_config("demo", TINY + ["model.vocab_size=64", f"mesh.fsdp={max(n // 2, 1)}",
                                     f"mesh.tensor={2 if n > 1 else 1}"], num_devices=n)

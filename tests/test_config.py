@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from maxlm.config import load_config, mesh_shape, save_config, config_from_dict, preset_names
-from maxlm.errors import ConfigError
+from maxlm.core.config import load_config, mesh_shape, save_config, config_from_dict, preset_names
+from maxlm.core.errors import ConfigError
 
 
 def test_every_preset_loads_and_validates():
@@ -109,13 +109,13 @@ def test_base_yaml_documents_exactly_the_schema_defaults():
   """configs/base.yaml is the readable list of every key; the schema in maxlm/config.py is the one source of
   defaults. The two must not drift apart."""
   import importlib.resources
-  from maxlm.config import Config
+  from maxlm.core.config import Config
   base = yaml.safe_load((importlib.resources.files("maxlm.configs") / "base.yaml").read_text())
   assert base == Config().to_dict()
 
 
 def test_choices_come_from_the_schema_literals():
-  from maxlm.config import choices
+  from maxlm.core.config import choices
   assert choices("loss.objective") == ("ce", "mile", "focal", "emo", "mixce", "tvd")
   assert "splash" in choices("model.attention") and "sft" in choices("data.source")
   with pytest.raises(ConfigError, match=r"loss.emo_mode = 3 \(from override 'loss.emo_mode=3'\) is not one of 1, 2"):
@@ -124,7 +124,7 @@ def test_choices_come_from_the_schema_literals():
 
 
 def test_a_mesh_axis_used_twice_is_a_contract_violation():
-  from maxlm import sharding
+  from maxlm.core import sharding
   assert sharding.logical_to_spec(("vocab", "embed")) == sharding.P("tensor", "fsdp")
   with pytest.raises(ValueError, match="mesh axis 'tensor' would shard both 'vocab' and 'mlp'"):
     sharding.logical_to_spec(("vocab", "mlp"))

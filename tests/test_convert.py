@@ -9,31 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, model
-from maxlm.config import load_config
-from maxlm.errors import CheckpointError, ConversionError
+from maxlm import pretrained
+from maxlm.hf import tensors as hf_tensors
+from maxlm import convert, model
+import helpers
+from helpers import tiny_run
+from maxlm.core.errors import CheckpointError, ConversionError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# vocab 384 holds the demo PCFG's word-level tokenizer (375 tokens with <unk>), which to-hf exports with the model.
-TINY = ["model.layers=2", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.ffn=64",
-        "model.vocab_size=384", "model.max_positions=64", "model.rope_theta=500.0", "model.init_std=0.1",
-        "train.seq_len=16", "train.global_batch=4"]
-
-
-def tiny_run(run_dir, extra=(), seed=0):
-  cfg = load_config("demo", TINY + list(extra))
-  params = model.init_params(cfg.model, seed)
-  rng = np.random.default_rng(seed)
-  # Norm scales of 1 would hide a swapped or missing norm mapping.
-  for name in ("attn_norm", "mlp_norm"):
-    if name in params["layers"]:
-      params["layers"][name] = jnp.asarray(rng.uniform(0.5, 1.5, params["layers"][name].shape), jnp.float32)
-  if "final_norm" in params:
-    params["final_norm"] = jnp.asarray(rng.uniform(0.5, 1.5, params["final_norm"].shape), jnp.float32)
-  checkpoint.save_params(str(run_dir), cfg, params)
-  return cfg, params
+TINY = helpers.HF_TINY
 
 
 def maxlm_logits(cfg, params, tokens):
@@ -67,7 +53,7 @@ def test_to_hf_logits_match_transformers(tmp_path, exported, tied):
     cfg, params = tiny_run(tmp_path / "run", ["model.tie_embeddings=true"])
     convert.to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), dtype="float32", max_shard_bytes=40_000)
     hf_dir = tmp_path / "hf"
-    index = json.loads((hf_dir / convert.INDEX).read_text())
+    index = json.loads((hf_dir / hf_tensors.INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded
     assert "lm_head.weight" not in index["weight_map"]
   else:
@@ -96,7 +82,7 @@ def test_bfloat16_export(tmp_path, exported):
 def test_from_hf_then_to_hf_round_trips_bit_exactly(tmp_path, exported):
   root, cfg, params = exported
   convert.from_hf(str(root / "hf"), str(tmp_path / "imported"))
-  loaded_cfg, loaded, extras = checkpoint.load_params(str(tmp_path / "imported"))
+  loaded_cfg, loaded, extras = pretrained.load_params(str(tmp_path / "imported"))
   assert extras == {}
   for key in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "ffn", "rope_theta", "norm_eps",
               "tie_embeddings", "max_positions"):
@@ -104,7 +90,7 @@ def test_from_hf_then_to_hf_round_trips_bit_exactly(tmp_path, exported):
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, np.asarray(b))
   convert.to_hf(str(tmp_path / "imported"), str(tmp_path / "hf2"), dtype="float32")
-  first, second = convert.HFTensors(str(root / "hf")), convert.HFTensors(str(tmp_path / "hf2"))
+  first, second = hf_tensors.HFTensors(str(root / "hf")), hf_tensors.HFTensors(str(tmp_path / "hf2"))
   assert sorted(first.names()) == sorted(second.names())
   for name in first.names():
     assert first.read(name).tobytes() == second.read(name).tobytes(), name
@@ -128,7 +114,7 @@ def test_olmo_import_matches_olmo_for_causal_lm(tmp_path):
   cfg = convert.from_hf(str(tmp_path / "olmo_hf"), str(tmp_path / "olmo_run"),
                         overrides=("loss.objective=emo",))
   assert cfg.model.family == "olmo" and cfg.model.clip_qkv == 0.8 and cfg.model.tie_embeddings
-  loaded_cfg, params, extras = checkpoint.load_params(str(tmp_path / "olmo_run"))
+  loaded_cfg, params, extras = pretrained.load_params(str(tmp_path / "olmo_run"))
   assert "attn_norm" not in params["layers"] and "final_norm" not in params
   ours = maxlm_logits(loaded_cfg, params, tokens)
   assert np.abs(ref).max() > 1.0

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import random
+import dataclasses
 import types
 
 import numpy as np
@@ -19,7 +20,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from maxlm import data as data_cli
 from maxlm.data_pipelines import build_eval_batches, build_train_iterator, describe, inspect_store, prepare
 from maxlm.data_pipelines import token_store
-from maxlm.errors import DataError
+from maxlm.core.config import DataConfig
+from maxlm.core.errors import DataError
 
 prepare_mod = importlib.import_module("maxlm.data_pipelines.prepare")  # the package re-exports prepare()
 
@@ -214,7 +216,7 @@ def test_a_hugging_face_directory_is_a_tokenizer(corpus, tmp_path):
   """--tokenizer and data.tokenizer take a model directory as transformers saves it: its tokenizer.json is used
   (the same store as from the file), and a directory without one is an error that says what it lacks."""
   import shutil  # pylint: disable=import-outside-toplevel
-  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
   hf_dir = tmp_path / "my_model"
   hf_dir.mkdir()
   shutil.copy(corpus.bpe, hf_dir / "tokenizer.json")
@@ -256,7 +258,7 @@ def _cfg(store, **kw):
   base = dict(source="store", path=store, mixture="", weights={}, shuffle=True, document_masking=False,
               prefetch=2, num_workers=0, index_file="", tokenizer="")
   base.update(kw)
-  return types.SimpleNamespace(**base)
+  return dataclasses.replace(DataConfig(), **base)
 
 
 def _domain_of_rows(inputs, vocab_ranges):

@@ -1,17 +1,18 @@
 """seqio adapter: a clear error without the extra; with seqio installed, batches from a registered task."""
 
-import types
+import dataclasses
 
 import numpy as np
 import pytest
 
 from maxlm.data_pipelines import build_train_iterator, describe
-from maxlm.errors import DataError
+from maxlm.core.config import DataConfig
+from maxlm.core.errors import DataError
 
 
 def _cfg(task=""):
-  return types.SimpleNamespace(source="seqio", seqio_task=task, shuffle=False, document_masking=False,
-                               prefetch=0, num_workers=0)
+  return dataclasses.replace(DataConfig(), source="seqio", seqio_task=task, shuffle=False, document_masking=False,
+                             prefetch=0, num_workers=0)
 
 
 def test_missing_seqio_names_the_extra():

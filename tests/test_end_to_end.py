@@ -10,7 +10,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers
 
 from maxlm import train
-from maxlm.config import load_config
+from maxlm.core.config import load_config
 from maxlm.data_pipelines import prepare
 
 WORDS = {"Code": [f"c{i}" for i in range(40)], "Prose": [f"p{i}" for i in range(40)]}

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, evaluate, losses, model
-from maxlm.config import load_config
+from maxlm.evals import harness
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import evaluate, losses, model
+from maxlm.core.config import load_config
 from maxlm.data_pipelines.raw_records import collect_documents
 from maxlm.data_pipelines.tokenization import run_encoder
 
@@ -25,7 +27,7 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval_run")
   cfg = load_config("demo", TINY)
   params = model.init_params(cfg.model, 3)
-  checkpoint.save_params(str(root), cfg, params)
+  ckpt_params.save_params(str(root), cfg, params)
   return root, cfg, params
 
 
@@ -105,7 +107,7 @@ def test_lm_eval_harness_end_to_end(run, tmp_path, monkeypatch):
   assert os.path.isfile(summary["output"]) and os.path.dirname(summary["output"]) == str(root / "eval")
   # The export is cached per step: a second run reuses it.
   logs = []
-  evaluate.export_cached(str(root), log=logs.append)
+  harness.export_cached(str(root), log=logs.append)
   assert logs and logs[0].startswith("using the cached export")
   # An HF directory goes to lm-eval as it is (no export), with the same result; its JSON lands in the working dir.
   monkeypatch.chdir(tmp_path)
@@ -118,7 +120,7 @@ def test_a_hugging_face_directory_and_run_at_step_evaluate_as_the_run(run, tmp_p
   """`--checkpoint` takes an HF directory (the run's own fp32 export scores what the run scores; its JSON goes to
   the working directory, since a model cache may be read-only) and RUN@STEP (the same as --step)."""
   from maxlm import convert  # pylint: disable=import-outside-toplevel
-  from maxlm.errors import CheckpointError, DataError  # pylint: disable=import-outside-toplevel
+  from maxlm.core.errors import CheckpointError, DataError  # pylint: disable=import-outside-toplevel
   root, _, _ = run
   hf_dir = tmp_path / "exported"
   convert.to_hf(str(root), str(hf_dir), dtype="float32", log=lambda *a: None)

@@ -12,15 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxlm import model_text
 from maxlm import convert, model, pretrained
+from maxlm import decoding
 from maxlm import generate as gen_lib
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_convert import tiny_run  # noqa: E402  (the tiny GQA LLaMA of the conversion tests)
+from helpers import tiny_run  # noqa: E402  (the tiny GQA LLaMA of the conversion tests)
 
 # Prompt lengths in one batch; with NEW tokens they stay inside max_positions 64 and one compiled shape.
 LENGTHS = (3, 11, 7, 20)
@@ -48,7 +50,7 @@ def llama(tmp_path_factory):
   convert.to_hf(str(root / "run"), str(root / "hf"), dtype="float32")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32,
                                                                attn_implementation="eager").eval()
-  generator = gen_lib.Generator(cfg, params, compute_dtype="float32")
+  generator = decoding.Generator(cfg, params, compute_dtype="float32")
   return root, cfg, params, hf_model, generator
 
 
@@ -93,7 +95,7 @@ def test_greedy_matches_transformers_olmo(tmp_path):
   hf_model.save_pretrained(str(tmp_path / "olmo"))
   pre = pretrained.load(str(tmp_path / "olmo"))
   assert pre.cfg.model.family == "olmo" and pre.cfg.model.clip_qkv == 0.8
-  generator = gen_lib.Generator(pre.cfg, pre.params, compute_dtype="float32")
+  generator = decoding.Generator(pre.cfg, pre.params, compute_dtype="float32")
   prompts = prompts_of(LENGTHS, 96, seed=3)
   for prompt, got in zip(prompts, generator(prompts, max_new_tokens=NEW)):
     assert got == hf_greedy(hf_model, prompt, NEW)
@@ -133,7 +135,7 @@ def test_lora_adapters_apply_to_generation(llama):
   """Params carrying LoRA adapters (the training view: base + A, B) generate what their merged weights generate,
   and not what the base alone does: prefill and decode go through the same projections as training."""
   import copy  # pylint: disable=import-outside-toplevel
-  from maxlm import lora  # pylint: disable=import-outside-toplevel
+  from maxlm.state import lora  # pylint: disable=import-outside-toplevel
   _, cfg, params, _, generator = llama
   lora_cfg = copy.deepcopy(cfg)
   lora_cfg.lora.rank, lora_cfg.lora.alpha, lora_cfg.lora.targets = 4, 8.0, ["q", "v", "down"]
@@ -142,11 +144,11 @@ def test_lora_adapters_apply_to_generation(llama):
   for ab in adapters["layers"].values():  # B = 0 would hide a missing adapter term
     ab["b"] = jnp.asarray(rng.normal(0, 0.5, ab["b"].shape), jnp.float32)
   prompts = prompts_of(LENGTHS, cfg.model.vocab_size, seed=11)
-  with_adapters = gen_lib.Generator(cfg, lora.compose(lora_cfg, adapters, jax.tree.map(jnp.asarray, params)),
+  with_adapters = decoding.Generator(cfg, lora.compose(lora_cfg, adapters, jax.tree.map(jnp.asarray, params)),
                                     compute_dtype="float32")(prompts, max_new_tokens=NEW)
   merged = jax.tree.map(np.asarray, lora.merge(lora_cfg, jax.tree.map(np.asarray, params),
                                                jax.tree.map(np.asarray, adapters)))
-  assert with_adapters == gen_lib.Generator(cfg, merged, compute_dtype="float32")(prompts, max_new_tokens=NEW)
+  assert with_adapters == decoding.Generator(cfg, merged, compute_dtype="float32")(prompts, max_new_tokens=NEW)
   assert with_adapters != generator(prompts, max_new_tokens=NEW)
 
 
@@ -181,10 +183,10 @@ def test_rows_stop_at_max_positions(llama):
 def test_sampling_is_reproducible_and_batch_independent(llama):
   _, cfg, _, _, generator = llama
   prompts = prompts_of(LENGTHS, cfg.model.vocab_size, seed=6)
-  s1 = gen_lib.Sampling(temperature=1.0, seed=11)
+  s1 = decoding.Sampling(temperature=1.0, seed=11)
   a = generator(prompts, max_new_tokens=NEW, sampling=s1)
   assert a == generator(prompts, max_new_tokens=NEW, sampling=s1)
-  assert a != generator(prompts, max_new_tokens=NEW, sampling=gen_lib.Sampling(temperature=1.0, seed=12))
+  assert a != generator(prompts, max_new_tokens=NEW, sampling=decoding.Sampling(temperature=1.0, seed=12))
   assert a != generator(prompts, max_new_tokens=NEW)  # it does sample
   # Row 2 in another batch (same row id, other neighbours, another slot) draws what it drew before.
   others = prompts_of(LENGTHS, cfg.model.vocab_size, seed=9)
@@ -214,7 +216,7 @@ def test_top_k_top_p_filter_and_draws(temperature, top_k, top_p):
   V, draws = 40, 4000
   rng = np.random.default_rng(7)
   logits = (rng.normal(size=(3, V)) * 2).astype(np.float32)
-  filtered = np.asarray(jax.jit(gen_lib.filter_logits)(jnp.asarray(logits), temperature, top_k, top_p))
+  filtered = np.asarray(jax.jit(decoding.filter_logits)(jnp.asarray(logits), temperature, top_k, top_p))
   for row in range(3):
     keep = allowed_set(logits[row], temperature, top_k, top_p)
     np.testing.assert_array_equal(np.isfinite(filtered[row]), keep)
@@ -222,7 +224,7 @@ def test_top_k_top_p_filter_and_draws(temperature, top_k, top_p):
   # Many draws of row 0: only allowed tokens, at the frequencies of the renormalised distribution.
   knobs = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(0), jnp.arange(draws))
-  draw = jax.jit(gen_lib.choose_tokens, static_argnums=1)
+  draw = jax.jit(decoding.choose_tokens, static_argnums=1)
   tokens = np.asarray(draw(jnp.asarray(np.repeat(logits[:1], draws, 0)), False, knobs, keys, 0))
   keep = allowed_set(logits[0], temperature, top_k, top_p)
   assert keep[tokens].all()
@@ -232,8 +234,8 @@ def test_top_k_top_p_filter_and_draws(temperature, top_k, top_p):
   assert 0.5 * np.abs(observed - expected).sum() < 0.05
 
 
-@pytest.mark.parametrize("sampling", [gen_lib.Sampling(temperature=1.0, top_k=3, seed=1),
-                                      gen_lib.Sampling(temperature=0.8, top_p=0.5, seed=2)])
+@pytest.mark.parametrize("sampling", [decoding.Sampling(temperature=1.0, top_k=3, seed=1),
+                                      decoding.Sampling(temperature=0.8, top_p=0.5, seed=2)])
 def test_generated_tokens_stay_inside_top_k_top_p(llama, sampling):
   """Each sampled token lies in the set the full forward's distribution at that step allows."""
   _, cfg, params, _, generator = llama
@@ -275,7 +277,7 @@ def test_cli_writes_the_named_keys(tmp_path, llama, capsys):
   assert rc == 0
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["prompt"] for r in records] == ["the cat", "a dog sees"]
-  codec = pretrained.text_codec(pretrained.load(str(root / "run")).cfg)
+  codec = model_text.text_codec(pretrained.load(str(root / "run")).cfg)
   for r in records:
     assert set(r) == {"prompt", "completion", "completion_ids"}
     assert 0 < len(r["completion_ids"]) <= 6 and codec.eos_id not in r["completion_ids"]
@@ -312,19 +314,20 @@ SHARDED = r"""
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_convert import tiny_run
-from maxlm import generate as gen_lib, model, sharding
+from helpers import tiny_run
+from maxlm import decoding, model
+from maxlm.core import sharding
 cfg, params = tiny_run(sys.argv[2], ["model.compute_dtype=float32"])
 rng = np.random.default_rng(0)
 prompts = [[int(t) for t in rng.integers(1, 384, n)] for n in (3, 11, 7, 20, 5)]
-single = gen_lib.Generator(cfg, params, compute_dtype="float32")(prompts, max_new_tokens=10)
+single = decoding.Generator(cfg, params, compute_dtype="float32")(prompts, max_new_tokens=10)
 mesh = sharding.make_mesh((2, 2, 2))
-g = gen_lib.Generator(cfg, params, compute_dtype="float32", mesh=mesh, batch_size=8)
+g = decoding.Generator(cfg, params, compute_dtype="float32", mesh=mesh, batch_size=8)
 with sharding.activate(mesh):
   _, cache = jax.jit(lambda p, t, s: model.prefill(model.bind(g.graphdef, p), t, s, cache_len=20))(
-      g.params, g._put(np.ones((8, 16), np.int32)), g._put(np.zeros(8, np.int32)))
+      g.params, g.put_batch(np.ones((8, 16), np.int32)), g.put_batch(np.zeros(8, np.int32)))
   _, stepped = jax.jit(lambda p, t, c: model.decode_step(model.bind(g.graphdef, p), t, c))(
-      g.params, g._put(np.ones(8, np.int32)), cache)
+      g.params, g.put_batch(np.ones(8, np.int32)), cache)
 sharded = g(prompts, max_new_tokens=10)
 spec = lambda a: [list(x) if isinstance(x, tuple) else x for x in a.sharding.spec]
 print(json.dumps({"single": single, "sharded": sharded, "prefill_spec": spec(cache.k_LxBxSxKxH),

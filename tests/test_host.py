@@ -1,4 +1,4 @@
-"""maxlm.host: the CPU allocator tuning keeps XLA's per-execution temporary buffer resident across executions."""
+"""maxlm.core.host: the CPU allocator tuning keeps XLA's per-execution temporary buffer resident across executions."""
 
 import os
 import platform
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from maxlm import host
-from maxlm.errors import ConfigError
+from maxlm.core import host
+from maxlm.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the last one's block still held, and the heap then grows by one block (a few times in a run, then never again).
 FAULTS = """
 import resource, sys, time
-from maxlm import host
+from maxlm.core import host
 applied = host.tune_cpu_malloc(sys.argv[1])
 import jax, jax.numpy as jnp
 x, y = jnp.ones((8192, 32)), jnp.ones((32, 4096))

@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import analyze, checkpoint, model
-from maxlm.analysis import hessian, probe, token_difficulty, widen
-from maxlm.config import load_config
+from maxlm.run import start
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import pretrained
+from maxlm import analyze, model
+from maxlm.analysis import common, hessian, linear_probe, token_difficulty, widen
+from maxlm.core.config import load_config
 from maxlm.data_pipelines.pcfg import load_grammar
-from maxlm.errors import ConversionError, DataError
+from maxlm.core.errors import ConversionError, DataError
 
 # A GQA LLaMA whose vocabulary holds the demo PCFG's word tokenizer (375 ids), so text data and to-hf work.
 SMALL = ["model.vocab_size=384", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
@@ -40,7 +43,7 @@ def save_run(run_dir, overrides, seed=0, embed_scale=1.0):
       params["layers"][name] = rng.uniform(0.5, 1.5, params["layers"][name].shape).astype(np.float32)
   if "final_norm" in params:
     params["final_norm"] = rng.uniform(0.5, 1.5, params["final_norm"].shape).astype(np.float32)
-  checkpoint.save_params(str(run_dir), cfg, params)
+  ckpt_params.save_params(str(run_dir), cfg, params)
   return cfg, params
 
 
@@ -145,7 +148,7 @@ def test_rademacher_probes_of_a_diagonal_quadratic_are_exact():
 def test_lm_batch_scores_as_transformers_labels():
   ids = np.asarray([[5, 6, 7, 0], [8, 9, 0, 0]])
   mask = np.asarray([[1, 1, 1, 0], [1, 1, 0, 0]])
-  batch = hessian.lm_batch(ids, mask)
+  batch = common.lm_batch(ids, mask)
   # transformers: labels = ids with pads -100, shifted inside the model: position t predicts labels[t + 1].
   labels = np.where(mask > 0, ids, -100)
   np.testing.assert_array_equal(batch["targets"][:, :-1], labels[:, 1:])
@@ -181,9 +184,9 @@ def test_hessian_cli_writes_json_and_rejects_bad_input(hessian_run, tmp_path, ca
   # RUN@all: every kept step, each as RUN@STEP would give it, one JSON and a plot over the steps.
   series_run = tmp_path / "series"
   cfg = hessian_run[1]
-  _, params, _ = checkpoint.load_params(str(root / "run"))
-  checkpoint.save_params(str(series_run), cfg, params, step=0)
-  checkpoint.save_params(str(series_run), cfg, jax.tree.map(lambda x: np.asarray(x) * 1.1, params), step=5)
+  _, params, _ = pretrained.load_params(str(root / "run"))
+  ckpt_params.save_params(str(series_run), cfg, params, step=0)
+  ckpt_params.save_params(str(series_run), cfg, jax.tree.map(lambda x: np.asarray(x) * 1.1, params), step=5)
   capsys.readouterr()
   assert analyze.main(cli_args("hessian-trace", **{**good, "checkpoint": f"{series_run}@all"})) == 0
   series = json.loads(out.read_text())
@@ -217,7 +220,7 @@ def test_norms_commute_with_tiling():
 def test_widened_logits_equal_the_narrow_models(narrow, tmp_path, factor, layers):
   root, cfg, params = narrow
   wide_cfg = widen.widen(str(root / "run"), str(tmp_path / "wide"), factor=factor, layers=layers, log=lambda *_: 0)
-  loaded_cfg, loaded, _ = checkpoint.load_params(str(tmp_path / "wide"))
+  loaded_cfg, loaded, _ = pretrained.load_params(str(tmp_path / "wide"))
   m = loaded_cfg.model
   assert (m.hidden, m.heads, loaded_cfg.kv_heads, m.ffn, m.layers) == (32 * factor, 4 * factor, 2 * factor,
                                                                         64 * factor, layers or 2)
@@ -245,7 +248,7 @@ def test_widened_checkpoint_through_to_hf_evaluate_and_init_from(narrow, tmp_pat
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from maxlm import convert, evaluate
-  from maxlm import state as state_lib
+  from maxlm.state import layout as state_lib
   root, cfg, params = narrow
   widen.widen(str(root / "run"), str(tmp_path / "wide"), factor=2, log=lambda *_: 0)
   convert.to_hf(str(tmp_path / "wide"), str(tmp_path / "hf"), dtype="float32", log=lambda *_: 0)
@@ -261,9 +264,9 @@ def test_widened_checkpoint_through_to_hf_evaluate_and_init_from(narrow, tmp_pat
   narrow_loss = evaluate.evaluate(str(root / "run"), docs, output=str(tmp_path / "a.json"), log=quiet)
   wide_loss = evaluate.evaluate(str(tmp_path / "wide"), docs, output=str(tmp_path / "b.json"), log=quiet)
   assert abs(narrow_loss["token_weighted"]["loss"] - wide_loss["token_weighted"]["loss"]) < 1e-5
-  wide_cfg, wide_params, _ = checkpoint.load_params(str(tmp_path / "wide"))
+  wide_cfg, wide_params, _ = pretrained.load_params(str(tmp_path / "wide"))
   wide_cfg.mesh.data, wide_cfg.mesh.fsdp, wide_cfg.mesh.tensor = 1, 1, 1
-  state = state_lib.init_from(state_lib.layout(wide_cfg), str(tmp_path / "wide"))
+  state = start.init_from(state_lib.layout(wide_cfg), str(tmp_path / "wide"))
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(wide_params)):
     np.testing.assert_array_equal(np.asarray(a), b)
   assert int(state["step"]) == 0
@@ -276,7 +279,7 @@ def test_widen_refuses_tied_models_unless_untied(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "tied" in err and "--untie" in err and not (tmp_path / "w").exists()
   assert analyze.main(args + ["--untie"]) == 0
-  wide_cfg, wide, _ = checkpoint.load_params(str(tmp_path / "w"))
+  wide_cfg, wide, _ = pretrained.load_params(str(tmp_path / "w"))
   assert not wide_cfg.model.tie_embeddings
   np.testing.assert_allclose(logits_of(wide_cfg, wide, TOKENS), logits_of(cfg, params, TOKENS), atol=2e-5)
   assert analyze.main(args + ["--untie"]) == 2  # the output exists now
@@ -389,14 +392,14 @@ def test_linear_probe_separates_separable_features():
   centres = rng.normal(size=(3, 20)) * 4
   y = rng.integers(0, 3, 300)
   x = centres[y] + rng.normal(size=(300, 20))
-  x_train, x_val = probe.standardise(x[:200], x[200:])
-  clf = probe.train_linear(x_train, y[:200], 3, steps=300)
-  assert np.mean(probe.predict_linear(clf, x_val) == y[200:]) == 1.0
+  x_train, x_val = linear_probe.standardise(x[:200], x[200:])
+  clf = linear_probe.train_linear(x_train, y[:200], 3, steps=300)
+  assert np.mean(linear_probe.predict_linear(clf, x_val) == y[200:]) == 1.0
   # Minibatches reach it too, and the same seed gives the same classifier.
-  a = probe.train_linear(x_train, y[:200], 3, steps=200, batch_size=32, seed=4)
-  b = probe.train_linear(x_train, y[:200], 3, steps=200, batch_size=32, seed=4)
+  a = linear_probe.train_linear(x_train, y[:200], 3, steps=200, batch_size=32, seed=4)
+  b = linear_probe.train_linear(x_train, y[:200], 3, steps=200, batch_size=32, seed=4)
   np.testing.assert_array_equal(np.asarray(a["w"]), np.asarray(b["w"]))
-  assert np.mean(probe.predict_linear(a, x_val) == y[200:]) == 1.0
+  assert np.mean(linear_probe.predict_linear(a, x_val) == y[200:]) == 1.0
 
 
 def _first_word_task(n, seed):
@@ -417,7 +420,7 @@ def test_probe_on_a_random_model(narrow, tmp_path):
   texts, labels = _first_word_task(240, 0)
   train = write_csv(tmp_path / "train.csv", texts[:160], labels[:160])
   val = write_csv(tmp_path / "val.csv", texts[160:], labels[160:])
-  out = probe.probe(str(root / "run"), train, val, mode="linear", log=lambda *_: 0)
+  out = linear_probe.probe(str(root / "run"), train, val, mode="linear", log=lambda *_: 0)
   assert out["accuracy"] == 1.0 and out["classes"] == 3  # the label is in position 0's features
   assert out["features"] == out["seq_len"] * 32
   # Labels that carry no information about the text: the probe cannot beat always answering the majority.
@@ -425,7 +428,7 @@ def test_probe_on_a_random_model(narrow, tmp_path):
   noise = ["A" if r < 0.75 else "B" for r in rng.random(240)]
   train = write_csv(tmp_path / "train_noise.csv", texts[:160], noise[:160])
   val = write_csv(tmp_path / "val_noise.csv", texts[160:], noise[160:])
-  out = probe.probe(str(root / "run"), train, val, mode="linear", log=lambda *_: 0)
+  out = linear_probe.probe(str(root / "run"), train, val, mode="linear", log=lambda *_: 0)
   base = out["majority_baseline"]
   assert base == np.mean(np.asarray(noise[160:]) == "A")
   assert out["accuracy"] <= base + 3 * np.sqrt(base * (1 - base) / 80), out

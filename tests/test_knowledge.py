@@ -11,13 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import analyze, checkpoint, model as model_lib, probes as probes_lib, train
-from maxlm import state as state_lib
+from maxlm.run import start
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import pretrained
+from maxlm import analyze, model as model_lib, train
+from maxlm.checkpoint import checkpointer as checkpoint
+from maxlm.run import knowledge_probes as probes_lib
+from maxlm.state import layout as state_lib
 from maxlm.analysis import knowledge_entropy as ke
 from maxlm.analysis import resuscitate as rs
-from maxlm.config import load_config
+from maxlm.core.config import load_config
 from maxlm.data_pipelines import build_train_iterator, knowledge_injection as ki, load_grammar
-from maxlm.errors import ConfigError, ConversionError, DataError
+from maxlm.core.errors import ConfigError, ConversionError, DataError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWLEDGE = os.path.join(HERE, "data", "knowledge")
@@ -175,7 +180,7 @@ def tiny_run_with_steps(run_dir, steps=(2, 5), extra=()):
   """A 'run' of params-only checkpoints at several steps (different random weights), without training."""
   cfg = load_config("demo", TINY + [f"run.dir={run_dir}", *extra])
   for i, step in enumerate(steps):
-    checkpoint.save_params(str(run_dir), cfg, model_lib.init_params(cfg.model, seed=i), step=step)
+    ckpt_params.save_params(str(run_dir), cfg, model_lib.init_params(cfg.model, seed=i), step=step)
   return cfg
 
 
@@ -304,10 +309,10 @@ def test_resuscitated_checkpoint_layer0_exactness_export_and_training(tmp_path):
   # init_from: step 0, fresh optimizer, the resuscitated weights.
   cfg = load_config("demo", TINY + [f"run.dir={tmp_path / 'cont'}", f"checkpoint.init_from={out}"])
   lay = state_lib.layout(cfg)
-  state = state_lib.init_from(lay, str(out))
+  state = start.init_from(lay, str(out))
   assert int(state["step"]) == 0
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
-  _, want, _ = checkpoint.load_params(str(out))
+  _, want, _ = pretrained.load_params(str(out))
   np.testing.assert_array_equal(np.asarray(state["params"]["layers"]["up_proj"]), want["layers"]["up_proj"])
 
 
@@ -331,7 +336,7 @@ def test_resuscitate_an_hf_directory_copies_its_tokenizer(tmp_path, hf_dirs):
   np.save(tmp_path / "a.npy", np.random.default_rng(0).uniform(0.5, 1.0, (3, 40)).astype(np.float32))
   rs.resuscitate(str(directory), str(tmp_path / "a.npy"), ratio=0.5, factor=1.0, output=str(tmp_path / "out"),
                  log=lambda *a: None)
-  cfg, _, _ = checkpoint.load_params(str(tmp_path / "out"))
+  cfg, _, _ = pretrained.load_params(str(tmp_path / "out"))
   assert cfg.data.tokenizer == str(tmp_path / "out" / "tokenizer" / "tokenizer.json")
   assert (tmp_path / "out" / "tokenizer" / "tokenizer_config.json").exists()
   with pytest.raises(ConversionError, match="already exists and is not empty"):
@@ -442,7 +447,7 @@ def test_packing_when_the_batch_has_fewer_rows_than_paragraphs(tmp_path):
 
 
 def test_resume_in_the_middle_of_an_injection_schedule_is_exact(tmp_path):
-  from maxlm.checkpoint import IteratorState  # pylint: disable=import-outside-toplevel
+  from maxlm.checkpoint.checkpointer import IteratorState  # pylint: disable=import-outside-toplevel
   cfg = demo_cfg(tmp_path, ["train.steps=40"])
   _, first, _ = iterators(cfg)
   with first:
@@ -520,7 +525,7 @@ def direct_probe_losses(logits_fn, items, kind, mode, batch_size, grammar):
 
 @pytest.mark.parametrize("mode", ["exact", "reference"])
 def test_probes_match_a_direct_computation(mode):
-  from maxlm import step as step_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.state import step as step_lib  # pylint: disable=import-outside-toplevel
   cfg = load_config("demo", TINY + ["model.max_positions=128"])
   graphdef = model_lib.abstract_model(cfg.model)[0]
   params = model_lib.init_params(cfg.model, seed=3)
@@ -545,7 +550,7 @@ def test_probes_match_a_direct_computation(mode):
 def test_training_with_injection_logs_probes_and_saves_the_schedule_state(tmp_path):
   cfg = demo_cfg(tmp_path, ["inject.probe_every=3", "train.steps=4", "checkpoint.every=2"])
   train.train(cfg, verbose=False)
-  from maxlm.metrics_log import read_metrics  # pylint: disable=import-outside-toplevel
+  from maxlm.run.trackers import read_metrics  # pylint: disable=import-outside-toplevel
   records = [r for r in read_metrics(cfg.run.dir) if "probe/once/memorization" in r]
   assert [r["step"] for r in records] == [0, 3, 4]
   keys = {f"probe/{g}/{k}{s}" for g in ("paraphrase", "once") for k in ki.PROBE_FIELDS for s in ("", "/ppl")}
@@ -581,7 +586,7 @@ def test_decoder_accumulates_weighted_coefficient_sums_per_layer(scan):
 
 
 def test_olmo_1b_preset_carries_ke_recipe_and_plans():
-  from maxlm import plan  # pylint: disable=import-outside-toplevel
+  from maxlm.state import plan  # pylint: disable=import-outside-toplevel
   cfg = load_config("ke_olmo1b_inject", num_devices=8)
   o, t, i = cfg.optim, cfg.train, cfg.inject
   assert (o.lr, o.warmup_steps, o.schedule, o.min_lr_ratio) == (4e-4, 80, "cosine", 0.1)

@@ -14,11 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, model, plan, pretrained, train
-from maxlm import state as state_lib
-from maxlm import step as step_lib
-from maxlm.config import finalize, load_config
-from maxlm.errors import ConfigError
+from maxlm.run import start
+from maxlm.checkpoint import params as ckpt_params
+from maxlm.hf import peft as hf_peft
+from maxlm import convert, model, pretrained, train
+from maxlm.checkpoint import checkpointer as checkpoint
+from maxlm.state import plan
+from maxlm.state import layout as state_lib
+from maxlm.state import step as step_lib
+from maxlm.core.config import finalize, load_config
+from maxlm.core.errors import ConfigError
 
 # The base: vocab 384 holds the demo PCFG's word-level tokenizer, so the base and the LoRA run export with it.
 BASE = ["model.vocab_size=384", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
@@ -37,14 +42,14 @@ def save_base(run_dir) -> dict:
   rng = np.random.default_rng(0)
   for name in ("attn_norm", "mlp_norm"):  # scales of 1 would hide a misplaced norm
     params["layers"][name] = jnp.asarray(rng.uniform(0.5, 1.5, params["layers"][name].shape), jnp.float32)
-  checkpoint.save_params(str(run_dir), cfg, params)
+  ckpt_params.save_params(str(run_dir), cfg, params)
   return jax.tree.map(np.asarray, params)
 
 
 def lora_cfg(base_dir, *extra, devices=1):
   """The LoRA run's config with the base's architecture, as the trainer resolves it."""
   cfg = load_config("emo_lora_demo", RUN + [f"checkpoint.init_from={base_dir}", *extra], num_devices=devices)
-  with checkpoint.open_checkpoints(str(base_dir)) as source:
+  with ckpt_params.open_checkpoints(str(base_dir)) as source:
     state_lib.inherit_architecture(cfg, source.config(), str(base_dir))
   return finalize(cfg, num_devices=devices)
 
@@ -56,7 +61,7 @@ def logits(cfg, params, tokens=TOKENS):
 
 
 def reference_merge(cfg, base, adapters):
-  """W + alpha/r * A @ B in float64, written out here independently of maxlm.lora."""
+  """W + alpha/r * A @ B in float64, written out here independently of maxlm.state.lora."""
   out = jax.tree.map(lambda x: np.asarray(x, np.float64), base)
   for name, ab in adapters["layers"].items():
     out["layers"][name] = out["layers"][name] + cfg.lora.alpha / cfg.lora.rank * np.matmul(
@@ -79,7 +84,7 @@ def test_zero_b_leaves_the_function_unchanged(tmp_path):
   base = save_base(tmp_path / "base")
   cfg = lora_cfg(tmp_path / "base", "lora.dropout=0.5")
   lay = state_lib.layout(cfg)
-  state = state_lib.init_from(lay, str(tmp_path / "base"))
+  state = start.init_from(lay, str(tmp_path / "base"))
   adapters = jax.device_get(state["params"])
   assert all((ab["b"] == 0).all() and (ab["a"] != 0).all() for ab in adapters["layers"].values())
   bound = 1 / np.sqrt(32)  # peft's kaiming-uniform(a=sqrt(5)) bound 1/sqrt(fan_in) for q, v, o (fan_in 32)
@@ -147,20 +152,20 @@ def test_merged_export_and_load_params_match_the_adapter_forward(tmp_path, train
   lay = state_lib.layout(cfg)
   ours = logits(cfg, lay.model_params(summary["state"]))  # the training forward: base + unmerged adapters
   # The checkpoint holds the adapters and where the base came from, not the base.
-  with checkpoint.open_checkpoints(str(root / "run")) as ckpt:
+  with ckpt_params.open_checkpoints(str(root / "run")) as ckpt:
     saved, meta = ckpt.metadata(3)
     adapters = ckpt.restore_subtree(("params",), 3)["params"]
   assert "lora_base" not in meta["items"] and meta["sources"] == {"lora_base": str(root / "base")}
   assert all(k.startswith(("params/layers/", "opt_state/", "step")) for k in saved)
   # One composition point: load_params (and everything on it) gives the merged decoder.
   reference = reference_merge(cfg, base, adapters)
-  _, merged, _ = checkpoint.load_params(str(root / "run"))
+  _, merged, _ = pretrained.load_params(str(root / "run"))
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(reference)):
     np.testing.assert_allclose(a, b, atol=1e-6)
   loaded = pretrained.load(str(root / "run"))
   assert loaded.cfg.lora.rank == 0  # what it holds now is a plain decoder
   np.testing.assert_allclose(logits(cfg, loaded.params), ours, atol=1e-5)
-  _, sharded, _ = checkpoint.load_params(str(root / "run"), abstract={"params": lay.model_abstract})
+  _, sharded, _ = pretrained.load_params(str(root / "run"), abstract={"params": lay.model_abstract})
   for a, b in zip(jax.tree.leaves(jax.device_get(sharded)), jax.tree.leaves(merged)):
     np.testing.assert_allclose(a, b, atol=1e-7)
   assert np.abs(ours - logits(cfg, base)).max() > 1e-3  # the adapters changed the function
@@ -203,10 +208,10 @@ SHARDED = r"""
 import json, sys
 import numpy as np
 import jax
-from maxlm.config import finalize, load_config
-from maxlm import sharding
-from maxlm import state as state_lib
-from maxlm import step as step_lib
+from maxlm.core.config import finalize, load_config
+from maxlm.core import sharding
+from maxlm.state import layout as state_lib
+from maxlm.state import step as step_lib
 
 base_dir = sys.argv[1]
 overrides = ["train.seq_len=16", "train.global_batch=8", "optim.warmup_steps=0", "optim.lr=1e-2", "lora.rank=4",
@@ -222,7 +227,7 @@ def run(shape, devices):
                                                   f"mesh.tensor={shape[2]}"], num_devices=len(devices))
   lay = state_lib.layout(cfg, sharding.make_mesh(shape, devices))
   step, _ = step_lib.make_train_step(lay)
-  state = state_lib.init_from(lay, base_dir)
+  state = start.init_from(lay, base_dir)
   losses = []
   for _ in range(3):
     state, m = step(state, sharding.global_batch(lay.mesh, batch))
@@ -300,14 +305,13 @@ def test_dry_run_counts_adapters_as_trainable_and_the_base_as_frozen():
 def test_peft_base_of_an_import_is_its_hugging_face_directory(tmp_path):
   """adapter_config.json names the HF directory a from-hf base came from (AutoPeftModelForCausalLM loads it);
   another base stays the maxlm run it is."""
-  from maxlm import lora  # pylint: disable=import-outside-toplevel
-  from maxlm.outputs import HF_IMPORT  # pylint: disable=import-outside-toplevel
+  from maxlm.core.outputs import HF_IMPORT  # pylint: disable=import-outside-toplevel
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text("{}")
   (tmp_path / "imported").mkdir()
   (tmp_path / "imported" / HF_IMPORT.marker).write_text(json.dumps({"source": str(tmp_path / "hf")}))
-  assert lora.peft_base_name(str(tmp_path / "imported")) == str(tmp_path / "hf")
+  assert hf_peft.peft_base_name(str(tmp_path / "imported")) == str(tmp_path / "hf")
   (tmp_path / "trained").mkdir()
-  assert lora.peft_base_name(str(tmp_path / "trained")) == str(tmp_path / "trained")
+  assert hf_peft.peft_base_name(str(tmp_path / "trained")) == str(tmp_path / "trained")
   (tmp_path / "hf" / "config.json").unlink()  # the source moved away: the run, which still loads with maxlm
-  assert lora.peft_base_name(str(tmp_path / "imported")) == str(tmp_path / "imported")
+  assert hf_peft.peft_base_name(str(tmp_path / "imported")) == str(tmp_path / "imported")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from maxlm import losses
-from maxlm.errors import ConfigError
+from maxlm.core.errors import ConfigError
 
 IGNORE = -100
 SHAPE = (3, 5, 37)  # batch, length, vocab

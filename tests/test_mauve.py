@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from maxlm import convert, evaluate, pretrained
-from maxlm import mauve_eval
+from maxlm import model_text
+from maxlm import convert, evaluate
+from maxlm.evals import mauve as mauve_eval
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -17,7 +18,7 @@ mauve = pytest.importorskip("mauve")
 from mauve.utils import featurize_tokens_from_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_convert import tiny_run  # noqa: E402
+from helpers import tiny_run  # noqa: E402
 
 N, M = 4, 6
 WORDS = "the cat dog sees a bird big blue apple admires alice anna baker barn basket bear".split()
@@ -69,7 +70,7 @@ def test_mauve_cli_report(setup, tmp_path):
   assert s["featurizer"] == str(root / "hf") and s["step"] == 0 and s["temperature"] == 1.0
   assert report["documents"] == {"read": 33, "long_enough": 30, "used": 24}
   samples = [json.loads(line) for line in open(report["samples"])]
-  codec = pretrained.text_codec(cfg)
+  codec = model_text.text_codec(cfg)
   long_docs = [d for d in docs if len(d.split()) >= N + M][:24]
   for sample, doc in zip(samples, long_docs):
     ids = codec.encode_batch([doc])[0]

@@ -1,4 +1,4 @@
-"""Tests for maxlm.metrics_log: strict JSON lines, resume truncation, TensorBoard's own reader on the tensorboardX
+"""Tests for maxlm.run.trackers: strict JSON lines, resume truncation, TensorBoard's own reader on the tensorboardX
 event files, and the Weights & Biases tracker in offline mode (its run file read back)."""
 
 import glob
@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from maxlm.errors import DataError
-from maxlm.metrics_log import MetricsLogger, read_metrics
+from maxlm.core.errors import DataError
+from maxlm.run.trackers import MetricsLogger, read_metrics
 
 
 def f32(x):

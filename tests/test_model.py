@@ -7,68 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from maxlm import model as model_lib
-from maxlm.config import load_config
-
-
-def _cfg(seq_len=16, **extra):
-  overrides = ["model.vocab_size=50", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
-               "model.ffn=48", "model.max_positions=64", "model.compute_dtype=float32", "model.remat=none",
-               "model.rope_theta=500.0", "model.init_std=0.2", f"train.seq_len={seq_len}"]
-  overrides += [f"model.{k}={v}" for k, v in extra.items()]
-  return load_config("demo", overrides).model
-
-
-def numpy_forward(cfg, params, tokens, segment_ids=None, coefficients=None):
-  """LLaMA / OLMo forward in float64, written from the papers' equations, one layer at a time."""
-  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  d = model_lib.Dims.of(cfg)
-  B, T = tokens.shape
-
-  def norm(x, scale):
-    if cfg.family == "olmo":
-      mu = x.mean(-1, keepdims=True)
-      return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
-    return scale * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
-
-  inv = 1.0 / cfg.rope_theta ** (np.arange(0, d.head_dim, 2) / d.head_dim)
-  ang = np.arange(T)[:, None] * inv[None, :]
-  cos, sin = np.cos(ang), np.sin(ang)
-
-  def rope(x):  # x (B, T, N, H): rotate pairs (i, i + H/2)
-    x1, x2 = x[..., : d.head_dim // 2], x[..., d.head_dim // 2:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-  x = p["embed"][tokens]
-  allowed = np.tril(np.ones((T, T), bool))[None]
-  if segment_ids is not None:
-    allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  for i in range(d.layers):
-    w = {k: v[i] for k, v in p["layers"].items()}
-    h = norm(x, w.get("attn_norm"))
-    q = (h @ w["q_proj"]).reshape(B, T, d.heads, d.head_dim)
-    k = (h @ w["k_proj"]).reshape(B, T, d.kv_heads, d.head_dim)
-    v = (h @ w["v_proj"]).reshape(B, T, d.kv_heads, d.head_dim)
-    if cfg.clip_qkv is not None:
-      q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-    q, k = rope(q), rope(k)
-    group = d.heads // d.kv_heads
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(d.head_dim)
-    scores = np.where(allowed[:, None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    o = np.einsum("bnqk,bknh->bqnh", probs, v).reshape(B, T, -1)
-    x = x + o @ w["o_proj"]
-    h = norm(x, w.get("mlp_norm"))
-    g = h @ w["gate_proj"]
-    coeff = (g / (1 + np.exp(-g))) * (h @ w["up_proj"])
-    if coefficients is not None:
-      coefficients.append(coeff)
-    x = x + coeff @ w["down_proj"]
-  x = norm(x, p.get("final_norm"))
-  head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
-  return x @ head
+from maxlm.core.config import load_config
+from helpers import model_config as _cfg, numpy_forward
 
 
 @pytest.mark.parametrize("extra", [

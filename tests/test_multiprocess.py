@@ -29,10 +29,13 @@ if role == "worker":
     sys.exit(3)
 
 from jax.experimental import multihost_utils
-from maxlm import optim, plan, sharding, train
-from maxlm import state as state_lib
-from maxlm import step as step_lib
-from maxlm.config import load_config
+from maxlm import train
+from maxlm.state import optim
+from maxlm.state import plan
+from maxlm.core import sharding
+from maxlm.state import layout as state_lib
+from maxlm.state import step as step_lib
+from maxlm.core.config import load_config
 
 TINY = ["model.vocab_size=64", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
         "model.ffn=64", "model.max_positions=32", "model.compute_dtype=float32", "model.remat=full",
@@ -265,7 +268,7 @@ def test_cli_distributed_two_processes_stop_together_on_sigterm(cli_run):
 
 @pytest.mark.slow  # resume itself is covered single-process (test_resume) and the two-process run above
 def test_cli_distributed_resume(cli_run):
-  from maxlm.metrics_log import read_metrics
+  from maxlm.run.trackers import read_metrics
   run_dir, first = cli_run
   if any(rc != 0 for rc, _ in first):
     pytest.skip("the first run failed")

@@ -84,7 +84,7 @@ def test_quickstart_figures_are_real_pngs_and_shown_inline(executed):
 @pytest.mark.timeout(1200)
 def test_quickstart_results_agree_with_the_runs_they_came_from(executed):
   from maxlm.data_pipelines.pcfg import grammar_entropy  # pylint: disable=import-outside-toplevel
-  from maxlm.metrics_log import read_metrics  # pylint: disable=import-outside-toplevel
+  from maxlm.run.trackers import read_metrics  # pylint: disable=import-outside-toplevel
   _, run_root = executed
   summary = json.loads((run_root / "summary.json").read_text())
   assert {"small", "steps", "true_entropy", "runs", "final_validation_ce", "knowledge_entropy", "token_difficulty_ce",
@@ -117,7 +117,7 @@ def test_quickstart_counts_are_the_training_corpus(executed):
   """The frequency buckets come from train_counts.npy: it must count what the runs trained on, read back here
   through the training data iterator itself (one epoch of the finite corpus)."""
   from maxlm import data_pipelines  # pylint: disable=import-outside-toplevel
-  from maxlm.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
   _, run_root = executed
   cfg = load_config(str(run_root / "ce" / "config.yaml"), [], num_devices=1)
   counts = np.load(run_root / "token_difficulty" / "train_counts.npy")

@@ -6,8 +6,8 @@ import collections
 import functools
 import itertools
 import math
+import dataclasses
 import os
-import types
 
 import yaml
 
@@ -16,7 +16,8 @@ import pytest
 
 from maxlm.data_pipelines import build_eval_batches, build_train_iterator, describe
 from maxlm.data_pipelines import pcfg
-from maxlm.errors import DataError
+from maxlm.core.config import DataConfig
+from maxlm.core.errors import DataError
 
 # Ambiguous (two derivations of "a a a"), with a unary chain, a terminal inside a binary rule, finite language.
 TINY = """
@@ -219,7 +220,7 @@ def _cfg(**kw):
   base = dict(source="pcfg", grammar="builtin:demo", shuffle=True, document_masking=False, prefetch=2,
               num_workers=0)
   base.update(kw)
-  return types.SimpleNamespace(**base)
+  return dataclasses.replace(DataConfig(), **base)
 
 
 def test_pcfg_source_batches_resume_and_describe():

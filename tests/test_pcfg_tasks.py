@@ -12,7 +12,7 @@ import pytest
 from maxlm import data as data_cli
 from maxlm.data_pipelines import pcfg
 from maxlm.data_pipelines import pcfg_tasks
-from maxlm.errors import DataError
+from maxlm.core.errors import DataError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # IB's format, no header: S -> S1 | S2 | S3, duplicate lines, E and F with identical rules (exact ties), sentences

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from maxlm import plot, train
-from maxlm.config import load_config
+from maxlm.core.config import load_config
 from maxlm.data_pipelines.pcfg import grammar_entropy
-from maxlm.metrics_log import read_metrics
+from maxlm.run.trackers import read_metrics
 
 TINY = ["model.vocab_size=384", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
         "model.ffn=64", "model.max_positions=32", "model.compute_dtype=float32", "model.remat=none",

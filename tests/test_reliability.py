@@ -16,11 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, model, train
-from maxlm.config import load_config
-from maxlm.errors import CheckpointError, ConfigError, ConversionError, DataError, TrainingDivergedError
-from maxlm.metrics_log import read_metrics
-from maxlm.rundir import RunDirBusyError, RunDirLock
+from maxlm.checkpoint import params as ckpt_params
+from maxlm import pretrained
+from maxlm import convert, model, train
+from maxlm.core.config import load_config
+from maxlm.core.errors import CheckpointError, ConfigError, ConversionError, DataError, TrainingDivergedError
+from maxlm.run.trackers import read_metrics
+from maxlm.run.lock import RunDirBusyError, RunDirLock
 
 TINY = ["model.vocab_size=384", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
         "model.ffn=64", "model.max_positions=32", "model.compute_dtype=float32", "model.remat=none",
@@ -51,10 +53,10 @@ def wait_for_steps(run_dir, n, proc, timeout=240):
 
 
 def finite_checkpoints(run_dir):
-  with checkpoint.open_checkpoints(run_dir) as ckpt:
+  with ckpt_params.open_checkpoints(run_dir) as ckpt:
     steps = ckpt.steps()
   for s in steps:
-    _, params, _ = checkpoint.load_params(run_dir, s)
+    _, params, _ = pretrained.load_params(run_dir, s)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), f"step {s} holds non-finite params"
   return steps
 
@@ -109,7 +111,7 @@ def test_stale_lock_of_a_dead_process_is_broken_and_live_lock_refused(tmp_path):
   run_dir = tmp_path / "r"
   run_dir.mkdir()
   # A holder killed with -9 leaves its lock file behind; the kernel released its lock.
-  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom maxlm.rundir import RunDirLock\n"
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom maxlm.run.lock import RunDirLock\n"
                              f"RunDirLock({str(run_dir)!r}).__enter__(); print('held', flush=True); time.sleep(600)"],
                             stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "held"
@@ -127,7 +129,7 @@ def test_stale_lock_of_a_dead_process_is_broken_and_live_lock_refused(tmp_path):
 
 def _params_run(run_dir):
   cfg = load_config("demo", TINY)
-  checkpoint.save_params(str(run_dir), cfg, model.init_params(cfg.model, 0))
+  ckpt_params.save_params(str(run_dir), cfg, model.init_params(cfg.model, 0))
 
 
 def test_overwrite_never_deletes_a_run_a_file_or_foreign_files(tmp_path):
@@ -190,7 +192,7 @@ def test_unreadable_latest_step_is_set_aside_and_the_previous_one_resumed(tmp_pa
   again = run(run_dir, 5, "checkpoint.every=2", "checkpoint.resume_step=2", "optim.schedule=constant")
   assert again["start_step"] == 2 and again["losses"][3] == straight["losses"][3]
   assert glob.glob(str(run_dir / "checkpoints.superseded" / "6-*"))
-  with checkpoint.open_checkpoints(str(run_dir)) as ckpt:
+  with ckpt_params.open_checkpoints(str(run_dir)) as ckpt:
     assert ckpt.steps() == [2, 4, 5]
 
 
@@ -227,9 +229,9 @@ def test_full_disk_names_the_failed_and_the_intact_step(tmp_path):
     assert intact < failed and "Free space on that filesystem (or set run.dir to another one)" in message
     assert err.rstrip().endswith(message.rstrip()) or message.count("\n") <= 3  # the advice is the last word
     assert len(err.splitlines()) < 120  # library tracebacks cut to one line each
-    with checkpoint.open_checkpoints(run_dir) as ckpt:
+    with ckpt_params.open_checkpoints(run_dir) as ckpt:
       assert ckpt.steps()[-1] == intact
-    _, params, _ = checkpoint.load_params(run_dir, intact)  # intact means readable
+    _, params, _ = pretrained.load_params(run_dir, intact)  # intact means readable
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
   finally:
     subprocess.run(["umount", str(mount_point)], capture_output=True)
@@ -289,7 +291,7 @@ def test_sigkill_then_resume_loses_no_logged_step_in_jsonl_or_tensorboard(tmp_pa
   wait_for_steps(run_dir, 7, proc)
   proc.kill()
   proc.communicate(timeout=60)
-  with checkpoint.open_checkpoints(run_dir) as ckpt:
+  with ckpt_params.open_checkpoints(run_dir) as ckpt:
     saved = ckpt.steps()[-1]
   assert saved >= 6
   end = saved + 4
@@ -317,7 +319,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tmp_path):
   assert proc.returncode == 130, err[-2000:]
   assert "Traceback" not in err and "Ctrl-C" in err
   assert "preempted (SIGINT)" in out and "mean of the first 5 steps" in out
-  with checkpoint.open_checkpoints(run_dir) as ckpt:
+  with ckpt_params.open_checkpoints(run_dir) as ckpt:
     (stopped,) = ckpt.steps()
   assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-1] == stopped
   assert run(run_dir, stopped + 1)["start_step"] == stopped

@@ -10,9 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, train
-from maxlm.config import load_config
-from maxlm.metrics_log import read_metrics
+from maxlm import pretrained
+from maxlm import train
+from maxlm.checkpoint import checkpointer as checkpoint
+from maxlm.core.config import load_config
+from maxlm.run.trackers import read_metrics
 
 # A constant learning rate makes the schedule independent of train.steps, so a run stopped at N and resumed to
 # 2N sees the same hyper-parameters at every step as one that ran 2N steps at once.
@@ -80,8 +82,8 @@ def test_init_from_a_from_hf_import(tmp_path):
   source = run(tmp_path / "source", 2, "checkpoint.every=100")
   convert.to_hf(str(tmp_path / "source"), str(tmp_path / "hf"), dtype="float32", log=lambda *_: None)
   convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), config="demo", log=lambda *_: None)
-  _, imported, _ = checkpoint.load_params(str(tmp_path / "imported"))
-  _, trained, _ = checkpoint.load_params(str(tmp_path / "source"))
+  _, imported, _ = pretrained.load_params(str(tmp_path / "imported"))
+  _, trained, _ = pretrained.load_params(str(tmp_path / "source"))
   for a, b in zip(_leaves(imported), _leaves(trained)):
     np.testing.assert_array_equal(a, b)
   summary = run(tmp_path / "continued", 1, f"checkpoint.init_from={tmp_path / 'imported'}")
@@ -97,7 +99,7 @@ def _leaves(tree):
 @pytest.mark.slow
 def test_init_from_rejects_a_model_of_another_shape(tmp_path):
   """A checkpoint whose shapes differ from the configured model fails before training, naming the mismatch."""
-  from maxlm.errors import CheckpointError
+  from maxlm.core.errors import CheckpointError
   run(tmp_path / "small", 1)
   with pytest.raises(CheckpointError, match=r"does not fit this model.*shape mismatch"):
     run(tmp_path / "wide", 1, f"checkpoint.init_from={tmp_path / 'small'}", "model.ffn=96")
@@ -107,8 +109,8 @@ def test_a_preset_that_contradicts_the_source_is_told_the_overrides_that_fit():
   """Every contradicting key is named in one error with its origin, and the overrides the error suggests make
   the same preset fit; keys the preset leaves at the defaults are taken from the source silently."""
   import re  # pylint: disable=import-outside-toplevel
-  from maxlm import state as state_lib  # pylint: disable=import-outside-toplevel
-  from maxlm.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  from maxlm.state import layout as state_lib  # pylint: disable=import-outside-toplevel
+  from maxlm.core.errors import CheckpointError  # pylint: disable=import-outside-toplevel
   source = load_config("demo", ["model.vocab_size=300", "model.hidden=64", "model.ffn=160", "model.kv_heads=2",
                                 "model.tie_embeddings=true"])
   with pytest.raises(CheckpointError) as info:
@@ -128,7 +130,7 @@ def test_a_preset_that_contradicts_the_source_is_told_the_overrides_that_fit():
 def test_init_from_an_emo_run_keeps_the_fixed_cost_embedding_sharded(tmp_path):
   """EMO with a fixed cost embedding started from a checkpoint takes a snapshot of the imported head."""
   import numpy as np
-  from maxlm.checkpoint import load_params
+  from maxlm.pretrained import load_params
   run(tmp_path / "base", 2)
   summary = run(tmp_path / "emo", 1, f"checkpoint.init_from={tmp_path / 'base'}", "loss.objective=emo")
   _, params, _ = load_params(str(tmp_path / "base"))
@@ -139,7 +141,7 @@ def test_cost_embedding_file_errors_and_a_resume_that_asks_for_another_source(tm
   """A file cost embedding is read once, checked (not .npy, .npz, NaN: ConfigError with the fix) and saved; a
   resume that names another source is refused instead of silently keeping the saved one."""
   import numpy as np
-  from maxlm.errors import CheckpointError, ConfigError
+  from maxlm.core.errors import CheckpointError, ConfigError
   emb = np.random.default_rng(0).normal(size=(384, 12)).astype(np.float32)
   np.save(tmp_path / "emb.npy", emb)
   emo = ["loss.objective=emo", "loss.cost_embedding=file", f"loss.cost_embedding_file={tmp_path / 'emb.npy'}"]

@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from maxlm import checkpoint, convert, evaluate, train
-from maxlm.config import load_config
+from maxlm import pretrained
+from maxlm import convert, evaluate, train
+from maxlm.core.config import load_config
 from maxlm.data_pipelines import pipeline, sft
-from maxlm.errors import CheckpointError, DataError
-from maxlm.state import ARCHITECTURE_KEYS
+from maxlm.core.errors import CheckpointError, DataError
+from maxlm.state.layout import ARCHITECTURE_KEYS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -255,7 +256,7 @@ def test_emo_sft_demo_takes_model_and_tokenizer_from_the_import(imported, tmp_pa
   assert cfg.data.tokenizer == "" and cfg.data.source == "sft"
   summary = train.train(cfg, verbose=False)
   saved = load_config(str(tmp_path / "sft" / "config.yaml"))
-  imported_cfg = checkpoint.load_params(str(run))[0]
+  imported_cfg = pretrained.load_params(str(run))[0]
   for key in ARCHITECTURE_KEYS:
     assert getattr(saved.model, key) == getattr(imported_cfg.model, key), key
   assert saved.data.tokenizer == imported_cfg.data.tokenizer and saved.data.tokenizer.startswith(str(run))

@@ -12,10 +12,13 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import jax
-from maxlm.config import load_config
-from maxlm import optim, plan, sharding, train
-from maxlm import state as state_lib
-from maxlm import step as step_lib
+from maxlm.core.config import load_config
+from maxlm import train
+from maxlm.state import optim
+from maxlm.state import plan
+from maxlm.core import sharding
+from maxlm.state import layout as state_lib
+from maxlm.state import step as step_lib
 
 objective, impl, micro = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = ["model.vocab_size=64", "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",

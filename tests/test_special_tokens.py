@@ -8,9 +8,10 @@ import os
 
 import pytest
 
+from maxlm import model_text
 from maxlm import generate as gen_lib
 from maxlm import pretrained
-from maxlm.data_pipelines.tokenization import TextTokenizer
+from maxlm.data_pipelines.text_tokenizer import TextTokenizer
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -105,7 +106,7 @@ def test_analysis_rows_are_transformers_input_ids(tmp_path, hf_with_bos):
   d, _ = hf_with_bos
   data = tmp_path / "docs.jsonl"
   data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-  rows = pretrained.model_rows(pretrained.load(d).cfg, str(data), seq_len=48)
+  rows = model_text.model_rows(pretrained.load(d).cfg, str(data), seq_len=48)
   tok = transformers.AutoTokenizer.from_pretrained(d)
   for text, ids, mask in zip(TEXTS, rows.ids, rows.mask):
     want = tok(text)["input_ids"]
@@ -116,6 +117,6 @@ def test_rows_are_truncated_as_transformers_truncates(tmp_path):
   """`tokenizer(text, max_length=n, truncation=True)` cuts the text and keeps the special tokens around it."""
   d = bpe_dir(tmp_path / "tok", "<s> $A </s>")
   tok = transformers.AutoTokenizer.from_pretrained(d)
-  codec = pretrained.TextCodec(TextTokenizer(os.path.join(d, "tokenizer.json")).encode_batch, str, 2, 0, [1], [2])
+  codec = model_text.TextCodec(TextTokenizer(os.path.join(d, "tokenizer.json")).encode_batch, str, 2, 0, [1], [2])
   for n in (3, 6, 40):
     assert codec.encode_batch(TEXTS, n) == [tok(t, max_length=n, truncation=True)["input_ids"] for t in TEXTS]

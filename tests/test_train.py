@@ -8,12 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from maxlm import optim, sharding, train
-from maxlm import state as state_lib
-from maxlm import step as step_lib
-from maxlm.config import load_config
-from maxlm.errors import TrainingDivergedError
-from maxlm.metrics_log import read_metrics
+from maxlm import train
+from maxlm.state import optim
+from maxlm.core import sharding
+from maxlm.state import layout as state_lib
+from maxlm.state import step as step_lib
+from maxlm.core.config import load_config
+from maxlm.core.errors import TrainingDivergedError
+from maxlm.run.trackers import read_metrics
 
 
 def test_demo_loss_falls_towards_the_grammar_entropy(tmp_path):
@@ -75,7 +77,7 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_overrides, objective):
 
 
 def test_vocab_smaller_than_the_tokenizer_is_an_error(tmp_path):
-  from maxlm.errors import ConfigError
+  from maxlm.core.errors import ConfigError
   cfg = load_config("demo", [f"run.dir={tmp_path}", "model.vocab_size=100"])
   with pytest.raises(ConfigError, match="set model.vocab_size >="):
     train.train(cfg, verbose=False)

@@ -1,5 +1,6 @@
-"""Knowledge entropy (seed 002, KE analysis/entropy.py): per-layer FFN coefficient magnitudes A over a document set,
-their entropies, over a series of checkpoints; `python -m maxlm.analyze knowledge-entropy` writes JSON, .npy and PNG.
+"""Knowledge entropy (kaistAI/Knowledge-Entropy analysis/entropy.py, "KE" below; docs/KNOWLEDGE.md): per-layer FFN
+coefficient magnitudes A over a document set, their entropies, over a series of checkpoints;
+`python -m maxlm.analyze knowledge-entropy` writes JSON, .npy and PNG.
 
 A[l, i] = (sum over sequences and positions of |silu(gate) * up|_i in layer l) / number of sequences, accumulated
 inside the layer scan (per-layer sums, never an (L, B, T, F) stack). Mode `valid` (default) masks pads out of
@@ -17,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm.errors import DataError, cli_description
+from maxlm import model_text
+from maxlm.analysis.common import load_on_mesh
+from maxlm.core import sharding
+from maxlm.core.compile_cache import CompileCache
+from maxlm.core.errors import DataError, cli_description
 
 MODES = ("valid", "reference")
 ENTROPY_EPS = 1e-9  # KE's turn_into_entropy: log(p + 1e-9)
@@ -62,69 +67,34 @@ def knowledge_entropy(coefficients_LxF: np.ndarray) -> float:
   return float(layer_entropies(coefficients_LxF).sum())
 
 
-# ----------------------------------------------------------------------------- a checkpoint on the mesh
+# ----------------------------------------------------------------------------- the mesh
 
 
 def analysis_mesh():
   """Every device on the fsdp axis: weights sharded along their model dimension, documents along the batch."""
-  from maxlm import sharding  # pylint: disable=import-outside-toplevel
   return sharding.make_mesh((1, jax.device_count(), 1))
-
-
-def model_abstract(model_cfg, mesh):
-  """(graphdef, params as ShapeDtypeStructs carrying their NamedShardings on `mesh`)."""
-  from maxlm import model as model_lib  # pylint: disable=import-outside-toplevel
-  from maxlm import sharding  # pylint: disable=import-outside-toplevel
-  graphdef, abstract, specs = model_lib.abstract_model(model_cfg)
-  shardings = sharding.named_shardings(specs, mesh)
-  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def load_on_mesh(spec: str, mesh):
-  """(Pretrained, graphdef) with the params sharded on `mesh`: a run's shards are read where they live; an HF
-  directory is imported on the host, then placed."""
-  from maxlm import checkpoint, pretrained  # pylint: disable=import-outside-toplevel
-  from maxlm.state import put_host  # pylint: disable=import-outside-toplevel
-  path, step = pretrained.split_spec(spec)
-  if pretrained.is_hf_dir(os.path.expanduser(path)) or not os.path.isdir(os.path.expanduser(path)):
-    loaded = pretrained.load(spec)  # HF import, or the missing-path error
-    graphdef, abstract = model_abstract(loaded.cfg.model, mesh)
-    loaded.params = jax.tree.map(put_host, loaded.params, abstract)
-    return loaded, graphdef
-  with checkpoint.open_checkpoints(path) as ckpt:
-    cfg = ckpt.config(ckpt.resolve_step(int(step) if step is not None else None))
-  graphdef, abstract = model_abstract(cfg.model, mesh)
-  return pretrained.load(spec, abstract={"params": abstract}), graphdef
 
 
 # ----------------------------------------------------------------------------- batches
 
 
-def make_coefficients_step(cfg, graphdef, mesh, mode: str):
+def make_coefficients_step(model_cfg, mesh, mode: str):
   """jit(params, ids, mask, real_rows) -> (L, F) sums, batch sharded over the mesh, result replicated."""
-  from maxlm import sharding  # pylint: disable=import-outside-toplevel
+  from maxlm import model as model_lib  # pylint: disable=import-outside-toplevel
+  graphdef = model_lib.abstract_model(model_cfg)[0]
 
   def step(params, ids_BxT, mask_BxT, rows_B):
     # fp32 throughout: GPUs would otherwise run fp32 matmuls in TF32 (10-bit mantissa).
     with sharding.activate(mesh), jax.default_matmul_precision("highest"):
-      return ffn_coefficient_sums(cfg.model, graphdef, params, ids_BxT, mask_BxT, mode, real_rows_B=rows_B)
+      return ffn_coefficient_sums(model_cfg, graphdef, params, ids_BxT, mask_BxT, mode, real_rows_B=rows_B)
 
   batch = sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(None, batch, batch, sharding.batch_sharding(mesh, 1)),
                  out_shardings=sharding.replicated(mesh))
 
 
-_STEPS: dict = {}
-
-
-def _cached_step(cfg, graphdef, mesh, mode: str):
-  """One compiled step per (architecture, mode, mesh): a series, or repeated calls, compile once."""
-  key = (json.dumps(dataclasses.asdict(cfg.model), sort_keys=True), mode, mesh)
-  if key not in _STEPS:
-    if len(_STEPS) >= 8:
-      _STEPS.pop(next(iter(_STEPS)))
-    _STEPS[key] = make_coefficients_step(cfg, graphdef, mesh, mode)
-  return _STEPS[key]
+# One compiled step per (model, mesh, mode): a series, or repeated calls, compile once.
+COEFFICIENT_STEPS = CompileCache(make_coefficients_step)
 
 
 def batch_size_for(mesh, requested: int) -> int:
@@ -134,8 +104,7 @@ def batch_size_for(mesh, requested: int) -> int:
 
 
 def mean_coefficients(step_fn, params: dict, rows, *, batch_size: int, mesh, progress=None) -> np.ndarray:
-  """A (L, F) float32: the sums over every batch of `rows` (pretrained.Rows), divided by the number of sequences."""
-  from maxlm import sharding  # pylint: disable=import-outside-toplevel
+  """A (L, F) float32: the sums over every batch of `rows` (model_text.Rows), divided by the number of sequences."""
   n, seq_len = rows.ids.shape
   total = None
   for start in range(0, n, batch_size):
@@ -145,8 +114,7 @@ def mean_coefficients(step_fn, params: dict, rows, *, batch_size: int, mesh, pro
     stop = min(start + batch_size, n)
     ids[:stop - start], mask[:stop - start], real[:stop - start] = rows.ids[start:stop], rows.mask[start:stop], 1.0
     # Every process holds the whole batch; each places only the rows its devices own.
-    put = lambda x: jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim),  # noqa: E731
-                                                 lambda index, x=x: x[index])
+    put = lambda x: sharding.put_batch(x, mesh)  # noqa: E731
     sums = np.asarray(jax.device_get(step_fn(params, put(ids), put(mask), put(real))), np.float64)
     total = sums if total is None else total + sums  # host float64: no drift over many batches
     if progress is not None:
@@ -188,7 +156,7 @@ def knowledge_entropy_series(checkpoints: list[str], data: str, *, seq_len: int 
   rows_cache, results = {}, []
   outer = tqdm(specs, desc="checkpoints", unit="ckpt", disable=not progress, dynamic_ncols=True)
   for spec in outer:
-    loaded, graphdef = load_on_mesh(spec, mesh)
+    loaded, _ = load_on_mesh(spec, lambda _: mesh)
     cfg = loaded.cfg
     if seq_len > cfg.model.max_positions:  # KE pads to 2048 whatever the model; RoPE has no table to run out of
       log(f"maxlm: warning: --seq-len {seq_len} is past {spec}'s model.max_positions = {cfg.model.max_positions}: "
@@ -196,9 +164,9 @@ def knowledge_entropy_series(checkpoints: list[str], data: str, *, seq_len: int 
           f"mode reference the pads count in A); pass --seq-len {cfg.model.max_positions} to stay inside")
     key = _tokenizer_key(cfg)
     if key not in rows_cache:
-      rows_cache[key] = pretrained.model_rows(cfg, data, seq_len=seq_len, max_docs=max_docs, log=log)
+      rows_cache[key] = model_text.model_rows(cfg, data, seq_len=seq_len, max_docs=max_docs, log=log)
     rows = rows_cache[key]
-    step_fn = _cached_step(cfg, graphdef, mesh, mode)
+    step_fn = COEFFICIENT_STEPS(cfg.model, mesh, mode)
     n_batches = -(-rows.ids.shape[0] // batch_size)
     with tqdm(total=n_batches, desc=f"{spec}", unit="batch", leave=False, disable=not progress,
               dynamic_ncols=True) as inner:

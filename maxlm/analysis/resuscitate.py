@@ -1,5 +1,6 @@
-"""Resuscitation (seed 002, KE analysis/change_parameters.py): scale up the FFN units a checkpoint barely uses, into
-a new params-only checkpoint that `checkpoint.init_from` starts from (step 0, fresh optimizer).
+"""Resuscitation (kaistAI/Knowledge-Entropy analysis/change_parameters.py; docs/KNOWLEDGE.md): scale up the FFN units
+a checkpoint barely uses, into a new params-only checkpoint that `checkpoint.init_from` starts from (step 0, fresh
+optimizer).
 
 Per layer l: thr = quantile(A_l, p) (linear interpolation); units with A_l,i <= thr (ties included) get their UP
 projection output column multiplied by u_i = q * mean(A_l) / A_l,i (mean over all m units); nothing else changes.
@@ -14,8 +15,9 @@ from typing import Callable
 
 import numpy as np
 
+from maxlm.checkpoint import params as ckpt_params
 from maxlm.data_pipelines.tokenization import carry_tokenizer
-from maxlm.errors import ConfigError, DataError, cli_description
+from maxlm.core.errors import ConfigError, DataError, cli_description
 
 def check_ratio_factor(ratio: float, factor: float) -> None:
   if not 0.0 < ratio < 1.0:
@@ -71,9 +73,8 @@ def resuscitate(checkpoint: str, coefficients: str, *, ratio: float, factor: flo
                 overwrite: bool = False, log: Callable = print) -> dict:
   """Writes OUTPUT: the checkpoint's params with resuscitated units, its config and tokenizer (so `to-hf`,
   `evaluate` and `checkpoint.init_from` work on it). Returns what the marker file records."""
-  from maxlm import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from maxlm import pretrained  # pylint: disable=import-outside-toplevel
-  from maxlm.outputs import DERIVED_RUN, atomic_output  # pylint: disable=import-outside-toplevel
+  from maxlm.core.outputs import DERIVED_RUN, atomic_output  # pylint: disable=import-outside-toplevel
   check_ratio_factor(ratio, factor)  # argument errors before anything is read
   if not os.path.isfile(coefficients):
     raise DataError(f"--coefficients {coefficients!r} does not exist: pass an (L, m) .npy written by "
@@ -95,7 +96,7 @@ def resuscitate(checkpoint: str, coefficients: str, *, ratio: float, factor: flo
     record["tokenizer"] = f"copied from {source}" if source else "travels with the data spec (PCFG or token store)"
     cfg.run.dir = output
     cfg.checkpoint.init_from = ""  # the derived checkpoint is itself the starting point
-    checkpoint_lib.save_params(tmp, cfg, params, extras=loaded.frozen, step=0)
+    ckpt_params.save_params(tmp, cfg, params, extras=loaded.frozen, step=0)
     with open(os.path.join(tmp, DERIVED_RUN.marker), "w") as f:
       json.dump(dict(record, tool="resuscitate"), f, indent=2)
   log(f"wrote {output}: {sum(record['selected_per_layer'])} units resuscitated over {len(selected)} layers "

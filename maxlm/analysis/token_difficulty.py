@@ -11,9 +11,6 @@ prediction. The occurrence-weighted mean of the bucket CEs is the overall CE.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
 import os
 from typing import Optional
@@ -21,8 +18,10 @@ from typing import Optional
 import numpy as np
 
 from maxlm import pretrained
-from maxlm.analysis.hessian import analysis_config, lm_batch, scored_rows, write_json
-from maxlm.errors import DataError, cli_description
+from maxlm.analysis.common import analysis_config, lm_batch, load_on_mesh, scored_rows, write_json
+from maxlm.core import sharding
+from maxlm.core.compile_cache import CompileCache
+from maxlm.core.errors import DataError, cli_description
 
 BUCKETS = (("frequent", 0.80), ("medium", 0.95), ("rare", 1.0))
 COUNT_CHUNK = 1 << 22  # tokens read from a store per request
@@ -84,17 +83,17 @@ def bucket_of_types(counts: np.ndarray) -> np.ndarray:
 
 def token_stats(pre: pretrained.Pretrained, batch: dict, *, batch_size: int = 16) -> dict:
   """Per-target ce, entropy and the target ids (flat, valid targets only) of a model on an LM batch, through
-  maxlm.step.token_statistics (the logits are never built), fp32."""
+  maxlm.state.step.token_statistics (the logits are never built), fp32. The params are placed already (load_on_mesh
+  on one device)."""
   import jax  # pylint: disable=import-outside-toplevel
   cfg = analysis_config(pre.cfg)
-  step = _stats_step(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
-  params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), pre.params))
+  step = STATS_STEPS(cfg.model, cfg.loss.ignore_index)
   ce, entropy, targets = [], [], []
   n = len(batch["inputs"])
   for start in range(0, n, batch_size):
     part = {"inputs": _padded(batch["inputs"][start:start + batch_size], batch_size, 0),
             "targets": _padded(batch["targets"][start:start + batch_size], batch_size, cfg.loss.ignore_index)}
-    stats = jax.device_get(step(params, part))
+    stats = jax.device_get(step(pre.params, part))
     valid = stats["mask"] > 0
     ce.append(stats["ce"][valid])
     entropy.append(stats["entropy"][valid])
@@ -103,14 +102,18 @@ def token_stats(pre: pretrained.Pretrained, batch: dict, *, batch_size: int = 16
           "targets": np.concatenate(targets)}
 
 
-@functools.lru_cache(maxsize=8)
-def _stats_step(model_json: str):
-  """The jitted token_statistics of one model config, shared by the checkpoints of a run (one compile)."""
+def _build_stats_step(model_cfg, ignore_index: int):
+  """The jitted token_statistics of one model (fp32)."""
   from maxlm import model as model_lib  # pylint: disable=import-outside-toplevel
-  from maxlm.config import Config, ModelConfig  # pylint: disable=import-outside-toplevel
-  from maxlm.step import make_token_stats_step  # pylint: disable=import-outside-toplevel
-  cfg = Config(model=ModelConfig(**json.loads(model_json)))
-  return make_token_stats_step(cfg, model_lib.abstract_model(cfg.model)[0], compute_dtype="float32")
+  from maxlm.core.config import Config  # pylint: disable=import-outside-toplevel
+  from maxlm.state.step import make_token_stats_step  # pylint: disable=import-outside-toplevel
+  cfg = Config(model=model_cfg)
+  cfg.loss.ignore_index = ignore_index
+  return make_token_stats_step(cfg, model_lib.abstract_model(model_cfg)[0], compute_dtype="float32")
+
+
+# One compile per model: the checkpoints of a run share it.
+STATS_STEPS = CompileCache(_build_stats_step)
 
 
 def _padded(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
@@ -144,7 +147,7 @@ def token_difficulty(checkpoints: list[str], data: str, counts: str, *, seq_len:
          "buckets": {name: share for name, share in BUCKETS}, "checkpoints": []}
   bucket, vocab = None, None
   for spec in specs:
-    pre = pretrained.load(spec)
+    pre, _ = load_on_mesh(spec, lambda cfg: sharding.single_device_mesh(), dtype=np.float32)
     if vocab is None:
       vocab = pre.cfg.model.vocab_size
       train_counts = load_counts(counts, vocab)

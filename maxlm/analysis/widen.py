@@ -1,6 +1,6 @@
-"""Widening (seed 003; IB enlarge.py, rewritten for LLaMA / OLMo v1): embed a model in one K times wider (and
-optionally deeper) that computes the same function, written as a derived checkpoint that to-hf, evaluate and init_from
-accept.
+"""Widening (Liuhong99/implicitbiasmlmcode enlarge.py, rewritten for LLaMA / OLMo v1; docs/IMPLICIT_BIAS.md): embed a
+model in one K times wider (and optionally deeper) that computes the same function, written as a derived checkpoint
+that to-hf, evaluate and init_from accept.
 
 The construction keeps every activation of the wide model a K-fold tiling of the narrow one's, [x, x, ..., x]:
   hidden, heads, kv_heads, ffn times K, head_dim unchanged: wide head k*N + n is a copy of head n and reads kv head
@@ -23,11 +23,12 @@ from typing import Optional
 
 import numpy as np
 
+from maxlm.checkpoint import params as ckpt_params
 from maxlm.data_pipelines.tokenization import carry_tokenizer
-from maxlm import checkpoint, pretrained
-from maxlm.config import Config, finalize
-from maxlm.errors import ConversionError, cli_description
-from maxlm.outputs import DERIVED_RUN, atomic_output
+from maxlm import pretrained
+from maxlm.core.config import Config, finalize
+from maxlm.core.errors import ConversionError, cli_description
+from maxlm.core.outputs import DERIVED_RUN, atomic_output
 
 LAYER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_NORMS = ("attn_norm", "mlp_norm")
@@ -109,7 +110,7 @@ def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[in
   with atomic_output(output_abs, DERIVED_RUN, overwrite=overwrite) as tmp:
     tokenizer = carry_tokenizer(cfg.data, tmp, output_abs)
     cfg.run.dir = output_abs
-    checkpoint.save_params(tmp, cfg, params, extras=extras, step=0)
+    ckpt_params.save_params(tmp, cfg, params, extras=extras, step=0)
     with open(os.path.join(tmp, DERIVED_RUN.marker), "w") as f:
       json.dump({"tool": "widen", "source": pre.spec, "source_step": pre.step, "factor": factor,
                  "layers": cfg.model.layers, "source_layers": pre.cfg.model.layers, "untied": bool(
@@ -122,7 +123,7 @@ def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[in
 
 
 def add_parser(subparsers) -> None:
-  p = subparsers.add_parser("widen", help="embed a model in a K-times wider one with the same function (seed 003)",
+  p = subparsers.add_parser("widen", help="embed a model in a K-times wider one with the same function (implicit bias)",
                             description=cli_description(__doc__))
   p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model dir (LLaMA / OLMo v1)")
   p.add_argument("--factor", type=int, required=True, help="K: hidden, heads, kv_heads and ffn times K")

@@ -1,0 +1,1 @@
+"""Evaluation of any checkpoint: loss and perplexity, lm-evaluation-harness, MAUVE."""
