@@ -42,7 +42,6 @@ def make_checkpoint(config: str, run_dir: str, seed: int = 0) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from maxlm import model  # pylint: disable=import-outside-toplevel
-  from maxlm.checkpoint import checkpointer as checkpoint  # pylint: disable=import-outside-toplevel
   from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
   cfg = load_config(config)
   shapes = model.abstract_model(cfg.model)[1]
@@ -59,7 +58,6 @@ def verify_export(run_dir: str, hf_dir: str, dtype: str) -> int:
   """Number of tensors checked; raises if any exported tensor differs from the checkpoint's (in HF layout)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  from maxlm.checkpoint import checkpointer as checkpoint  # pylint: disable=import-outside-toplevel
   from maxlm.hf import names as hf_names  # pylint: disable=import-outside-toplevel
   from maxlm.hf.tensors import np_dtype  # pylint: disable=import-outside-toplevel
   _, params, _ = pretrained.load_params(run_dir)

@@ -268,7 +268,7 @@ def train_command(run_dir: pathlib.Path, smoke: bool) -> list[str]:
          f"train.steps={cfg['train_steps']}", f"train.global_batch={cfg['train_batch']}",
          f"run.log_every={1 if smoke else 5}",
          f"run.dir={run_dir}", "run.tensorboard=false", "run.progress=false", "run.eval_batches=1",
-         "checkpoint.enabled=false", "optim.warmup_steps=10"]
+         "checkpoint.enabled=false", f"optim.warmup_steps={min(10, cfg['train_steps'])}"]
   if smoke:  # the preset's structure at toy size; XLA attention (no cuDNN on a CPU)
     cmd += ["model.layers=1", "model.hidden=64", "model.heads=2", "model.ffn=128", "model.vocab_size=512",
             "train.seq_len=64", "model.attention=xla"]

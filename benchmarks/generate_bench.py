@@ -18,7 +18,6 @@ import numpy as np
 
 from maxlm.checkpoint import params as ckpt_params
 from maxlm import convert
-from maxlm.checkpoint import checkpointer as checkpoint
 from maxlm import decoding
 from maxlm import model as model_lib
 from maxlm.core.config import load_config

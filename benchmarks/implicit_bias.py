@@ -1,5 +1,5 @@
-"""Seed 003's question at PCFG scale: models with about the same validation loss, compared on the trace of the loss
-Hessian and on downstream (PCFG task) probe accuracy.
+"""The implicit-bias paper's question at PCFG scale: models with about the same validation loss, compared on the
+trace of the loss Hessian and on downstream (PCFG task) probe accuracy.
 
     python benchmarks/implicit_bias.py [--workdir DIR] [--short-steps 300] [--long-steps 1200] [--factor 2]
                                        [--samples 256] [--hessian-batch 32] [--probe-rows 2000] [--finetune]

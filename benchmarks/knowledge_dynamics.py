@@ -1,5 +1,5 @@
-"""Seed 002's effects at demo scale: knowledge entropy over a run's checkpoints, memorization probes of injected
-fictional knowledge against a control run, and a resuscitated checkpoint's knowledge entropy against its source.
+"""The knowledge-entropy paper's effects at demo scale: knowledge entropy over a run's checkpoints, memorization
+probes of injected fictional knowledge against a control run, and a resuscitated checkpoint's knowledge entropy against its source.
 
   python benchmarks/knowledge_dynamics.py --out runs/knowledge_dynamics           # ke_inject_demo, ~10 min on 2 CPUs
   python benchmarks/knowledge_dynamics.py --out runs/kd_small --overrides train.steps=100 inject.interval=10
@@ -18,7 +18,6 @@ import numpy as np
 
 from maxlm.checkpoint import params as ckpt_params
 from maxlm import train
-from maxlm.checkpoint import checkpointer as checkpoint
 from maxlm import model as model_lib
 from maxlm.analysis import knowledge_entropy as ke
 from maxlm.analysis import resuscitate as rs
@@ -86,7 +85,7 @@ def main() -> None:
   data = analysis_documents(os.path.join(args.out, "ke_docs.jsonl"), args.docs, seq_len)
   series = ke.knowledge_entropy_series([init_dir, f"{inject_cfg.run.dir}@all"], data, seq_len=seq_len,
                                        batch_size=16, progress=False)
-  ke.write_outputs(series, "valid", os.path.join(args.out, "ke"))
+  ke.write_outputs(series, "valid", os.path.join(args.out, "ke"), overwrite=True)
   report["knowledge_entropy"] = [{"step": r.step, "ke": r.knowledge_entropy} for r in series]
 
   # 2. Probes: injected run against the control run (same data, same seed, nothing injected).

@@ -1,6 +1,6 @@
 """Benchmark of maxlm.kernels.fused_loss: jitted value_and_grad time and XLA temp memory per impl x objective x shape.
 
-Owns nothing the library uses; prints a markdown table (DESIGN.md section 10: numbers come from here, not from tests).
+Owns nothing the library uses; prints a markdown table (numbers come from here, not from tests).
 
   python benchmarks/loss_bench.py --shapes 8192x1024x32000 --impls reference,blockwise --objectives ce,mile,emo
   python benchmarks/loss_bench.py --compile-only --shapes 16384x4096x32000 --dtypes bfloat16 \
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxlm.kernels import fused_loss, tiling
-from maxlm.errors import cli_description
+from maxlm.core.errors import cli_description
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

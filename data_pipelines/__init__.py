@@ -22,6 +22,7 @@ else:
   from maxlm.data_pipelines.token_store import TokenStore
 
 __all__ = [
-    "DataIterator", "SourceInfo", "build_eval_batches", "build_train_iterator", "describe", "eval_windows", "make_batch",
+    "DataIterator", "SourceInfo", "build_eval_batches", "build_train_iterator", "describe", "eval_windows",
+    "make_batch",
     "Grammar", "load_grammar", "parse_grammar", "inspect_store", "prepare", "TokenStore",
 ]

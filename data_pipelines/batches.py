@@ -1,12 +1,17 @@
 """What every source hands the trainer: the batch dict (make_batch, eval_windows), the source description (SourceInfo)
-and the resumable training iterator (DataIterator over a grain dataset, to_iter). Sources build on these; nothing
+and the resumable training iterator (DataIterator over global batch indices, to_iter). Sources build on these; nothing
 here knows a source.
+
+Batches are global (Levanter's loader): element b * global_batch + r of a source's one global order is row r of
+batch b, and a process loads only `rows`, the rows its devices hold. The batch sequence is a function of the seed
+and the step alone, and the iterator's state is the next batch index, whatever the process count.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import sys
+from typing import Callable, Optional, Sequence
 
 import grain
 import numpy as np
@@ -14,7 +19,7 @@ import numpy as np
 from maxlm.core.config import IGNORE_INDEX
 from maxlm.core.errors import DataError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # {"batch": the next global batch index}; 1 was grain's per-process state
 
 
 @dataclasses.dataclass
@@ -26,6 +31,7 @@ class SourceInfo:
   separator_id: int
   decode: Callable | None
   true_entropy_stderr: float | None = None  # Monte Carlo standard error of true_entropy_per_token (0 if exact)
+  mask_id: int | None = None  # data.mlm: the mask token's id
 
 
 def make_batch(windows: np.ndarray, separator_id: int, document_masking: bool,
@@ -43,26 +49,78 @@ def make_batch(windows: np.ndarray, separator_id: int, document_masking: bool,
   return batch
 
 
-def eval_windows(read, n_tokens, seq_len, batch_size, num_batches, process_index, process_count, sep, masking):
-  """Validation batches over one token stream (`read(start, stop)` -> tokens), this process's share of them."""
+def check_rows(rows: Optional[Sequence[int]], batch_size: int) -> tuple[int, ...]:
+  """This process's rows of a global batch of `batch_size` (default: all of them), checked sorted and in range."""
+  rows = tuple(range(batch_size)) if rows is None else tuple(int(r) for r in rows)
+  if not rows or list(rows) != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch_size:
+    raise DataError(f"the rows {rows} a process loads must be distinct, sorted and within the global batch of "
+                    f"{batch_size}")
+  return rows
+
+
+def block_of(rows: Sequence[int], batch_size: int) -> tuple[int, int]:
+  """(index, count) of this process's block among equal contiguous blocks of the global batch: the shard a stream
+  source that cannot read by index reads (processes holding the same rows, tensor peers, read the same shard)."""
+  n = len(rows)
+  if batch_size % n or rows[0] % n or list(rows) != list(range(rows[0], rows[0] + n)):
+    raise DataError(f"a stream source (seqio) needs each process's rows to be one contiguous block of the global "
+                    f"batch; rows {rows[0]}..{rows[-1]} of {batch_size} are not")
+  return rows[0] // n, batch_size // n
+
+
+def eval_windows(read, n_tokens, seq_len, batch_size, rows, num_batches, sep, masking):
+  """Validation batches over one token stream (`read(start, stop)` -> tokens): window s * batch_size + r is row r of
+  batch s; this process's `rows` of each. Every process gets the same number of batches."""
   # Windows of seq_len+1 with stride seq_len cover every held-out token as a target exactly once; the last one
   # may be short.
+  rows = check_rows(rows, batch_size)
   n_windows = -(-(n_tokens - 1) // seq_len)
-  per_step = batch_size * process_count
-  steps = min(num_batches, -(-n_windows // per_step))
+  steps = min(num_batches, -(-n_windows // batch_size))
   batches = []
   for step in range(steps):
-    rows = np.full((batch_size, seq_len + 1), sep, np.int32)
-    valid = np.zeros(batch_size, np.int64)
-    for r in range(batch_size):
-      w = step * per_step + r * process_count + process_index
+    out = np.full((len(rows), seq_len + 1), sep, np.int32)
+    valid = np.zeros(len(rows), np.int64)
+    for i, r in enumerate(rows):
+      w = step * batch_size + r
       if w < n_windows:
         start = w * seq_len
         stop = min(start + seq_len + 1, n_tokens)
-        rows[r, :stop - start] = read(start, stop)
-        valid[r] = stop - start
-    batches.append(make_batch(rows, sep, masking, valid_tokens=valid))
+        out[i, :stop - start] = read(start, stop)
+        valid[i] = stop - start
+    batches.append(make_batch(out, sep, masking, valid_tokens=valid))
   return batches
+
+
+def _stack(items: list):
+  first = items[0]
+  if isinstance(first, dict):
+    return {k: np.stack([i[k] for i in items]) for k in first}
+  if isinstance(first, tuple):
+    return tuple(np.stack(c) for c in zip(*items))
+  return np.stack(items)
+
+
+class TakeRows:
+  """grain map: a global batch index -> this process's rows of it, as elements of the global order stacked."""
+
+  def __init__(self, elements: grain.MapDataset, batch_size: int, rows: Sequence[int]):
+    self.elements, self.batch_size, self.rows = elements, batch_size, tuple(rows)
+
+  def __call__(self, b):
+    return _stack([self.elements[int(b) * self.batch_size + r] for r in self.rows])
+
+
+def global_batches(elements: grain.MapDataset, batch_size: int, rows: Sequence[int], read: Callable, cfg,
+                   fingerprint: dict) -> "DataIterator":
+  """The training iterator over a source's one global order of elements (an infinite MapDataset): batch b holds
+  elements b * batch_size + r for this process's rows r, each batch mapped through `read`."""
+  rows = check_rows(rows, batch_size)
+
+  def from_batch(start: int) -> grain.IterDataset:
+    ds = grain.MapDataset.range(start, sys.maxsize).map(TakeRows(elements, batch_size, rows)).map(read)
+    return to_iter(ds, cfg)
+
+  return DataIterator(from_batch, fingerprint)
 
 
 def to_iter(ds: grain.MapDataset, cfg) -> grain.IterDataset:
@@ -81,18 +139,26 @@ def to_iter(ds: grain.MapDataset, cfg) -> grain.IterDataset:
 
 
 class DataIterator:
-  """The training iterator: next() gives a batch dict; get_state()/set_state() resume exactly (JSON state)."""
+  """The training iterator: next() gives this process's rows of the next global batch; get_state()/set_state()
+  resume exactly: the state is the next global batch index (JSON), the same on every process and for any process
+  count, so a resume on another number of hosts continues the same batch sequence."""
 
-  def __init__(self, dataset: grain.IterDataset, fingerprint: dict):
-    self._dataset = dataset
-    self._it = iter(dataset)
+  def __init__(self, from_batch: Callable[[int], grain.IterDataset], fingerprint: dict):
+    self._from_batch = from_batch
     self.fingerprint = fingerprint
+    self._start(0)
+
+  def _start(self, batch: int) -> None:
+    self.batch = int(batch)
+    self._it = iter(self._from_batch(self.batch))
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return next(self._it)
+    out = next(self._it)
+    self.batch += 1
+    return out
 
   def close(self):
     """Stops prefetch threads and worker processes (grain otherwise tears them down noisily at exit)."""
@@ -107,16 +173,42 @@ class DataIterator:
     self.close()
 
   def get_state(self) -> dict:
-    return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "grain": self._it.get_state()}
+    return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "batch": self.batch}
 
   def set_state(self, state: dict):
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "grain" not in state:
+    state = upgrade_state(state)
+    if state is None:
       raise DataError("the saved data-iterator state is not from this maxlm data pipeline version; restart "
-                      "the data from the beginning (drop the data state from the checkpoint).")
+                      "the data from the beginning (checkpoint.allow_data_restart=true).")
     saved = state.get("fingerprint", {})
     diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
     if diff:
       listing = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
       raise DataError(f"the saved data-iterator state belongs to a different data setup ({listing}). Restore "
-                      "those settings to resume exactly, or start the data stream afresh.")
-    self._it.set_state(state["grain"])
+                      "those settings to resume exactly, or start the data stream afresh "
+                      "(checkpoint.allow_data_restart=true).")
+    self.close()
+    self._start(state["batch"])
+
+
+def upgrade_state(state) -> Optional[dict]:
+  """A saved state in this version's form: version 2 as is; a version-1 state of a single process (grain's
+  next_index counted global batches then) converted; None when it cannot be."""
+  if not isinstance(state, dict):
+    return None
+  if state.get("version") == STATE_VERSION and "batch" in state:
+    return state
+  old = state.get("fingerprint", {})
+  grain_state = state.get("grain")
+  if (state.get("version") == 1 and old.get("process_count") == 1 and isinstance(grain_state, dict)
+      and "next_index" in grain_state):
+    fingerprint = {k: v for k, v in old.items() if k not in ("process_index", "process_count", "batch_size")}
+    return {"version": STATE_VERSION, "fingerprint": dict(fingerprint, global_batch=old.get("batch_size")),
+            "batch": int(grain_state["next_index"]), **{k: v for k, v in state.items()
+                                                        if k not in ("version", "fingerprint", "grain")}}
+  return None
+
+
+def is_global_state(state) -> bool:
+  """Whether a saved data state holds for any process count (this version's global batch index)."""
+  return isinstance(state, dict) and state.get("version") == STATE_VERSION and "batch" in state

@@ -1,5 +1,6 @@
-"""Knowledge injection (docs/KNOWLEDGE.md; kaistAI/Knowledge-Entropy olmo/train.py insert_data): fictional-knowledge paragraphs written into the
-first rows of chosen training batches, as a transform around the training DataIterator whose state it extends.
+"""Knowledge injection (docs/KNOWLEDGE.md; kaistAI/Knowledge-Entropy olmo/train.py insert_data): fictional-knowledge
+paragraphs written into the first rows of chosen training batches, as a transform around the training DataIterator
+whose state it extends.
 
 Schedule (KE): the batch of step s (1-based, the step it trains) is injected when s % interval == 0, with group
 k = (s // interval) % 10, or 10 when that is 0. Group k holds every "paraphrase" item (its train_context when k = 1,
@@ -62,7 +63,7 @@ def load_items(path: str, *, key: str = "inject.paraphrase_file", paraphrases_ne
     raise ConfigError(f"{key} = {path!r} does not exist{resolved_from(path)}; point it at a fictional-knowledge "
                       "JSON list")
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
       items = json.load(f)
   except (OSError, ValueError) as e:
     raise DataError(f"{key} {path} is not valid JSON: {e}") from None
@@ -232,11 +233,6 @@ def eos_id(data_cfg) -> int:
   return tokenization.special_ids(data_cfg)[0]
 
 
-def process_rows(batch_sharding, global_batch: int) -> np.ndarray:
-  """The global batch rows this process supplies, in the order of its local batch (jax's process-local layout)."""
-  index_map = batch_sharding.addressable_devices_indices_map((global_batch, 1))
-  rows = {r for index in index_map.values() for r in range(*index[0].indices(global_batch))}
-  return np.asarray(sorted(rows), np.int64)
 
 
 def load_groups(cfg) -> tuple[list[dict], list[dict]]:
@@ -253,7 +249,7 @@ def load_groups(cfg) -> tuple[list[dict], list[dict]]:
   return paraphrase, once
 
 
-def wrap_train_iterator(cfg, data_it, batch_sharding) -> InjectingIterator:
+def wrap_train_iterator(cfg, data_it, rows) -> InjectingIterator:
   """The training iterator with the `inject` section's schedule applied to this process's rows."""
   if cfg.data.source == "sft":
     raise ConfigError("knowledge injection (inject.interval > 0) inserts paragraphs into pretraining windows; "
@@ -263,5 +259,5 @@ def wrap_train_iterator(cfg, data_it, batch_sharding) -> InjectingIterator:
   separator = pipeline.describe(cfg.data).separator_id  # the pipeline's, so segment ids match its own batches
   injector = Injector(paraphrase, once, interval=cfg.inject.interval, steps=cfg.train.steps,
                       global_batch=cfg.train.global_batch, encode_batch=encode, eos_id=eos_id(cfg.data))
-  return InjectingIterator(data_it, injector, process_rows(batch_sharding, cfg.train.global_batch),
+  return InjectingIterator(data_it, injector, rows,
                            separator_id=separator, document_masking=cfg.data.document_masking)

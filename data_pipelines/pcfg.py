@@ -1,5 +1,5 @@
-"""Probabilistic context-free grammars (docs/IMPLICIT_BIAS.md): two rule file formats, vectorised sampling, a word tokenizer,
-exact sentence and span inside probabilities and the true per-token entropy rate of the token stream.
+"""Probabilistic context-free grammars (docs/IMPLICIT_BIAS.md): two rule file formats, vectorised sampling, a word
+tokenizer, exact sentence and span inside probabilities and the true per-token entropy rate of the token stream.
 
 Rule files, one rule per line, fields split on whitespace (`#` starts a comment; blank lines are skipped):
   maxlm's format:

@@ -1,6 +1,6 @@
-"""PCFG downstream tasks (docs/IMPLICIT_BIAS.md; IB pcfg/generate_downstream.py): sampled sentences of more than 4 words, each
-labelled by the nonterminal with the largest inside probability of a span, written as CSV `text,label` with IB's
-integer labels.
+"""PCFG downstream tasks (docs/IMPLICIT_BIAS.md; IB pcfg/generate_downstream.py): sampled sentences of more than 4
+words, each labelled by the nonterminal with the largest inside probability of a span, written as CSV `text,label`
+with IB's integer labels.
 
 Tasks (inside probabilities P(A =>* words[i:j]) of the span alone, as IB computes them):
   A  whole sentence, argmax over the start symbol's unary children (IB: S -> S1 | ... | Sn, one class per Si),
@@ -30,7 +30,9 @@ import numpy as np
 
 from maxlm.data_pipelines.pcfg import Grammar
 from maxlm.core.errors import DataError
+from maxlm.core.outputs import atomic_file, check_file, write_text
 
+COMMAND = "maxlm.data pcfg-tasks"
 TASKS = ("A", "B", "C")
 TASK_SPANS = {"A": None, "B": (0, 4), "C": (0, 2)}  # None: the whole sentence
 MIN_WORDS = 5               # "sentences of more than 4 words" (IB)
@@ -143,11 +145,6 @@ def _sentence_chunks(grammar: Grammar, seed: int, max_words: int):
     chunk += 1
 
 
-def sample_task_sentences(grammar: Grammar, num: int, seed: int, max_words: int = DEFAULT_MAX_WORDS) -> list:
-  """The first `num` sentences of MIN_WORDS..max_words words of the grammar's task stream for `seed`."""
-  return _fill(_sentence_chunks(grammar, seed, max_words), num, grammar, max_words, "sentence")
-
-
 def _fill(chunks, num: int, grammar: Grammar, max_words: int, what: str) -> list:
   """The first `num` items of a stream of chunks; a DataError after _EMPTY_CHUNKS_LIMIT empty chunks in a row."""
   out, empty = [], 0
@@ -188,33 +185,37 @@ def make_task(grammar: Grammar, task: str, num: int, seed: int, max_words: int =
                   sum(not ok for _, _, ok in rows), list(grammar.notes), label_ids(grammar, task))
 
 
-def check_output(path: str) -> None:
-  """Fails before any sampling when the CSV cannot be written where asked."""
+def check_output(path: str, *, overwrite: bool = False) -> None:
+  """Fails before any sampling when the CSV (or its labels file) cannot be written where asked: a missing directory,
+  a directory, a run's file, an existing file that is not an earlier output of pcfg-tasks (with `overwrite`)."""
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise DataError(f"cannot write {path}: directory {parent} does not exist; create it or choose another --output.")
   if os.path.isdir(path):
     raise DataError(f"--output {path} is a directory; give a CSV file name.")
+  for target in (path, labels_path(path)):
+    check_file(target, COMMAND, overwrite=overwrite)
 
 
-def write_csv(path: str, rows) -> None:
+def write_csv(path: str, rows, *, overwrite: bool = False) -> None:
   """CSV with a `text,label` header, one row per sentence."""
-  check_output(path)
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(["text", "label"])
-    writer.writerows(rows)
+  check_output(path, overwrite=overwrite)
+  with atomic_file(path, COMMAND, overwrite=overwrite) as tmp:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(["text", "label"])
+      writer.writerows(rows)
 
 
 def labels_path(csv_path: str) -> str:
   return os.path.splitext(csv_path)[0] + ".labels.json"
 
 
-def write_task(path: str, data: TaskData) -> None:
+def write_task(path: str, data: TaskData, *, overwrite: bool = False) -> None:
   """The CSV (IB's integer labels) and, beside it, NAME.labels.json: {"task", "labels": {integer: nonterminal}}."""
-  write_csv(path, data.csv_rows())
-  with open(labels_path(path), "w", encoding="utf-8") as f:
-    json.dump({"task": data.task, "labels": {str(i): name for name, i in data.label_ids.items()}}, f, indent=1)
+  write_csv(path, data.csv_rows(), overwrite=overwrite)
+  write_text(labels_path(path), COMMAND, json.dumps({"task": data.task, "labels": {
+      str(i): name for name, i in data.label_ids.items()}}, indent=1), overwrite=overwrite)
 
 
 def summarize(data: TaskData, path: str) -> str:

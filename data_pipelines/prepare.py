@@ -88,6 +88,8 @@ def tokenize_file(path: str, root: str, settings: dict) -> dict:
       buffers[(domain, split)].append(np.asarray(ids, dtype))
       buffers[(domain, split)].append(sep)
       docs[(domain, split)] += 1
+      stats.shortest = min(stats.shortest, len(ids)) if stats.documents else len(ids)
+      stats.longest = max(stats.longest, len(ids))
       stats.documents += 1
       stats.tokens += len(ids) + 1
       stats.bytes += len(raw)
@@ -110,7 +112,7 @@ def tokenize_file(path: str, root: str, settings: dict) -> dict:
                                                   domain_key=settings["domain_key"],
                                                   default_domain=settings["default_domain"],
                                                   text_lines=settings.get("text_lines", False)):
-    raw = text.encode("utf-8", "surrogatepass")
+    raw = text.encode("utf-8")  # raw_records refused lone surrogates
     pending.append((text, domain, raw))
     pending_bytes += len(raw)
     if len(pending) >= _BATCH_DOCS or pending_bytes >= _BATCH_BYTES:
@@ -184,6 +186,7 @@ def _assemble(root: str, files: list[str], dones: dict, settings: dict, tok: Tex
     tok_file = "tokenizer/" + os.path.basename(settings["tokenizer_path"])
     kv.write(tok_file, f.read())
   inputs = [dones[p]["stats"] for p in files]
+  with_docs = [s for s in inputs if s["documents"]]  # _check_documents made sure there is one
   bad = collections.Counter()
   for s in inputs:
     bad.update(s["bad_records"])
@@ -194,25 +197,31 @@ def _assemble(root: str, files: list[str], dones: dict, settings: dict, tok: Tex
       "validation_fraction": settings["validation_fraction"],
       "totals": {"files": len(files), "records": sum(s["records"] for s in inputs),
                  "documents": sum(s["documents"] for s in inputs), "tokens": sum(s["tokens"] for s in inputs),
-                 "bytes": sum(s["bytes"] for s in inputs), "bad_records": dict(sorted(bad.items()))},
+                 "bytes": sum(s["bytes"] for s in inputs), "bad_records": dict(sorted(bad.items())),
+                 "document_tokens": None if any("longest" not in s for s in with_docs) else  # parts of old
+                 {"min": min(s["shortest"] for s in with_docs), "max": max(s["longest"] for s in with_docs)}},
       "inputs": inputs,
       "settings": settings,
   }
 
 
 def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", domain_key: str = "",
-            default_domain: str = "default", validation_fraction: float = 0.0, workers: int = 0,
+            default_domain: str = "default", validation_fraction: float = 0.0, workers: int | None = None,
             separator: str | None = None, keep_parts: bool = False, progress: bool = True,
             flush_tokens: int = _FLUSH_TOKENS, text_lines: bool = False) -> dict:
   """Tokenizes every document of the input files into a token store at `output`; returns the manifest.
 
   A plain-text input is one document per file, or one per non-blank line with `text_lines` (as the analysis tools
   and `evaluate` read .txt files).
-  workers: processes (0 = all cores; 1 = in this process). Re-running with the same arguments after a crash
+  workers: processes (None = all cores; 1 = in this process). Re-running with the same arguments after a crash
   redoes only unfinished files; after success it returns the existing manifest.
   """
   if not 0.0 <= validation_fraction < 1.0:
     raise DataError(f"--validation-fraction must be in [0, 1), got {validation_fraction}.")
+  if workers is not None and workers < 1:
+    raise DataError(f"--workers {workers}: give a number of processes >= 1 (1 = in this process), or leave it out "
+                    f"for one per core ({os.cpu_count() or 1} here)")
+  check_output(output)
   files = expand_inputs(inputs)
   tok = TextTokenizer(tokenizer, separator)
   settings = {
@@ -240,7 +249,7 @@ def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", doma
   todo = [p for p in files if dones[p] is None]
   if len(todo) < len(files):
     _say(progress, f"resuming: {len(files) - len(todo)} of {len(files)} files already tokenized.")
-  workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+  workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))  # None: one per core
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=sum(os.path.getsize(p) for p in todo), unit="B", unit_scale=True, desc="tokenize",
              disable=not progress, file=sys.stderr)
@@ -267,7 +276,46 @@ def prepare(inputs, tokenizer: str, output: str, *, text_key: str = "text", doma
   if not keep_parts:
     _delete_parts(output)
   _say(progress, summarize(manifest))
+  lengths = manifest["totals"]["document_tokens"] or _sampled_lengths(token_store.TokenStore(output))
+  warning = same_length_warning(manifest["totals"]["documents"], lengths["min"], lengths["max"]) if lengths else ""
+  if warning:
+    print(warning, file=sys.stderr)  # even with --quiet: the store is probably not what was meant
   return manifest
+
+
+def same_length_warning(documents: int, shortest: int, longest: int) -> str:
+  """A warning when every document of a store has the same length (a tokenizer that truncates and pads, or inputs
+  cut to a fixed size), else ""."""
+  if documents < 2 or shortest != longest:
+    return ""
+  return (f"maxlm: warning: all {documents} documents are exactly {shortest} tokens long: were they truncated or "
+          "padded (a tokenizer.json's truncation/padding settings, or inputs cut to one size)? maxlm encodes whole "
+          "documents; check the inputs if that length is not what they hold")
+
+
+def check_output(output: str) -> None:
+  """A DataError unless a local --output is new, empty, a token store or an interrupted prepare: prepare never
+  writes into a file, a run directory or a folder of other files."""
+  local = token_store.kvstore_spec(output)
+  if local["driver"] != "file":
+    return
+  path = local["path"].rstrip("/")
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise DataError(f"--output {output} is an existing file, not a directory; a token store is a directory: choose "
+                    "a new path (nothing was written)")
+  parent = os.path.dirname(path)
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent and not os.path.isdir(parent):
+    raise DataError(f"--output {output}: {parent} is a file, so no directory can be made below it; choose another "
+                    "path")
+  if os.path.isdir(path):
+    names = set(os.listdir(path))
+    if names and not names & {token_store.MANIFEST, _PARTS.rstrip("/")}:
+      what = "a maxlm run directory" if names & {"checkpoints", "metrics.jsonl", "config.yaml"} else \
+          "a directory of files prepare did not write"
+      raise DataError(f"--output {output} is {what} ({', '.join(sorted(names)[:5])}); a token store needs a new or "
+                      "empty directory (nothing was written)")
 
 
 def _delete_parts(output: str):
@@ -359,4 +407,19 @@ def inspect_store(root: str, sample_tokens: int = 48) -> str:
     if tok is not None and n:
       ids = store.read(domain, "train", 0, min(n, sample_tokens))
       lines.append(f"  sample {domain}: {tok.decode(ids)!r}")
-  return "\n".join(lines)
+  lengths = m["totals"].get("document_tokens") or _sampled_lengths(store)  # stores before it was recorded: a sample
+  warning = same_length_warning(m["totals"]["documents"], lengths["min"], lengths["max"]) if lengths else ""
+  return "\n".join(lines + ([warning] if warning else []))
+
+
+def _sampled_lengths(store, tokens_per_domain: int = 1 << 20) -> dict | None:
+  """{"min", "max"} document length over the first documents of each domain's train split (None if none end there)."""
+  found = []
+  for domain in store.domains:
+    n = store.num_tokens(domain, "train")
+    if not n:
+      continue
+    ids = np.asarray(store.read(domain, "train", 0, min(n, tokens_per_domain)))
+    ends = np.flatnonzero(ids == store.separator_id)
+    found.extend(np.diff(np.concatenate([[-1], ends])) - 1)
+  return {"min": int(min(found)), "max": int(max(found))} if found else None

@@ -13,6 +13,17 @@ import os
 from maxlm.core.errors import DataError
 
 BAD_EXAMPLES_PER_REASON = 3
+UTF8_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Windows editors write one): stripped, not a bad record
+LONE_SURROGATE = "text holds a lone surrogate (JSON \\ud800-\\udfff escape, not valid Unicode)"
+
+
+def is_valid_unicode(text: str) -> bool:
+  """False for a string holding a lone surrogate (JSON's "\\ud800" decodes to one): no tokenizer can encode it."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 @dataclasses.dataclass
@@ -24,6 +35,8 @@ class FileStats:
   tokens: int = 0
   bytes: int = 0
   blank_lines: int = 0
+  shortest: int = 0  # tokens of the shortest and longest document (prepare fills them)
+  longest: int = 0
   bad_records: dict = dataclasses.field(default_factory=dict)
   bad_examples: dict = dataclasses.field(default_factory=dict)
 
@@ -53,11 +66,50 @@ def _open_binary(path: str):
   if name.endswith(".gz"):
     return gzip.open(path, "rb")
   if name.endswith((".zst", ".zstd")):
+    return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+  return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+  """A .zst file's decompressed bytes, frame after frame. Input that ends inside a frame is an EOFError: zstandard's
+  stream reader ends quietly there, so a truncated file would read as a shorter one."""
+
+  def __init__(self, path: str):
     import zstandard  # pylint: disable=import-outside-toplevel
     # Pile shards are written with a long window; allow it rather than failing on them.
-    dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
-    return io.BufferedReader(dctx.stream_reader(open(path, "rb"), closefd=True), buffer_size=1 << 20)
-  return open(path, "rb")
+    self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+    self._file = open(path, "rb")  # pylint: disable=consider-using-with  (closed by close())
+    self._frame = None
+    self._out, self._pos = b"", 0
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    while self._pos >= len(self._out):
+      data = self._file.read(1 << 20)
+      if not data:
+        if self._frame is not None and not self._frame.eof:
+          raise EOFError("the compressed data ends inside a zstd frame (the file is truncated)")
+        return 0
+      self._out, self._pos = self._decompress(data), 0
+    n = min(len(buffer), len(self._out) - self._pos)
+    buffer[:n] = self._out[self._pos:self._pos + n]
+    self._pos += n
+    return n
+
+  def _decompress(self, data: bytes) -> bytes:
+    out = []
+    while data:
+      if self._frame is None or self._frame.eof:
+        self._frame = self._dctx.decompressobj()
+      out.append(self._frame.decompress(data))
+      data = self._frame.unused_data if self._frame.eof else b""
+    return b"".join(out)
+
+  def close(self) -> None:
+    self._file.close()
+    super().close()
 
 
 def field(record, key_path: str):
@@ -92,6 +144,9 @@ def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_ke
   if not text:
     stats.bad("empty text", where)
     return None
+  if isinstance(text, str) and not is_valid_unicode(text):
+    stats.bad(LONE_SURROGATE, where, text.encode("utf-8", "backslashreplace"))
+    return None
   if domain_key:
     if domain is _MISSING or domain is None:
       stats.bad(f"missing domain field '{domain_key}'", where, str(text))
@@ -104,6 +159,9 @@ def _accept(stats: FileStats, where: str, text, domain, text_key: str, domain_ke
     domain = str(domain)  # found through a fallback key
   else:
     domain = default_domain
+  if not is_valid_unicode(domain):
+    stats.bad("domain holds a lone surrogate (not valid Unicode)", where, domain.encode("utf-8", "backslashreplace"))
+    return None
   return text, domain
 
 
@@ -125,8 +183,8 @@ def read_documents(path: str, stats: FileStats, *, text_key: str = "text", domai
   A document is a string, or (with `ids_key`, for records without text) a list of token ids. The domain comes from
   `domain_key` (a record without it is bad), else from the first of `domain_fallbacks` present, else
   `default_domain`. A plain text file is one document, or one per line with `text_lines`. A corrupt or truncated
-  file is reported as one bad record ('unreadable file: ...') after the documents read before the damage; it never
-  raises.
+  file is a DataError naming it (after the documents read before the damage were yielded: callers must not keep
+  them).
   """
   fmt = input_format(path)
   keys = dict(text_key=text_key, domain_key=domain_key, default_domain=default_domain,
@@ -142,11 +200,18 @@ def read_documents(path: str, stats: FileStats, *, text_key: str = "text", domai
       yield from _read_text(path, stats, default_domain)
   except (OSError, EOFError, ValueError, RuntimeError) as e:
     # zstandard raises ZstdError (a subclass of Exception only); caught below.
-    stats.bad(f"unreadable file: {type(e).__name__}", f"{path}: {e}")
+    raise _damaged(path, stats, e) from None
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ != "ZstdError" and not type(e).__module__.startswith("pyarrow"):
       raise
-    stats.bad(f"unreadable file: {type(e).__name__}", f"{path}: {e}")
+    raise _damaged(path, stats, e) from None
+
+
+def _damaged(path: str, stats: "FileStats", cause: BaseException) -> DataError:
+  """A truncated or corrupt input file: an error naming it, never a store that quietly holds part of it."""
+  return DataError(f"input file {path} is truncated or corrupt ({type(cause).__name__}: {str(cause)[:200]}); "
+                   f"{stats.records} records were read before the damage. Re-download or re-create it, or leave "
+                   "it out of --input; nothing of it is kept")
 
 
 def _record_document(stats, where, record, text_key, domain_key, default_domain, domain_fallbacks, ids_key):
@@ -159,6 +224,8 @@ def _record_document(stats, where, record, text_key, domain_key, default_domain,
 def _read_jsonl(path, stats, **keys):
   with _open_binary(path) as f:
     for lineno, raw in enumerate(f, 1):
+      if lineno == 1:
+        raw = raw.removeprefix(UTF8_BOM)
       if not raw.strip():
         stats.blank_lines += 1
         continue
@@ -209,6 +276,8 @@ def _read_text_lines(path, stats, default_domain):
   """A plain text file with one document per (non-blank) line."""
   with _open_binary(path) as f:
     for lineno, raw in enumerate(f, 1):
+      if lineno == 1:
+        raw = raw.removeprefix(UTF8_BOM)
       if not raw.strip():
         stats.blank_lines += 1
         continue
@@ -222,7 +291,7 @@ def _read_text_lines(path, stats, default_domain):
 def _read_text(path, stats, default_domain):
   """A plain text file is one document."""
   with _open_binary(path) as f:
-    raw = f.read()
+    raw = f.read().removeprefix(UTF8_BOM)
   stats.records += 1
   try:
     text = raw.decode("utf-8")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from maxlm.core.errors import DataError
-from maxlm.data_pipelines.batches import SourceInfo, make_batch
+from maxlm.data_pipelines.batches import SourceInfo, block_of, make_batch
 
 _FEATURE = "targets"
 
@@ -61,12 +61,17 @@ def _windows(cfg, *, seq_len, split, shuffle, seed, process_index, process_count
 
 class SeqioIterator:
   """Batches from a seqio task. tf.data state is not JSON: the state is the batch count, and set_state replays
-  that many batches from the deterministic (seeded) stream, so a resume is exact but costs O(steps) reads."""
+  that many batches from the deterministic (seeded) stream, so a resume is exact but costs O(steps) reads.
+  A stream cannot be read by global index: each block of the global batch reads its own seqio shard (tensor peers
+  holding the same block read the same one), so the batch sequence depends on the block count, which the
+  fingerprint records."""
 
-  def __init__(self, cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
+  def __init__(self, cfg, *, seq_len, batch_size, rows, seed, fingerprint):
+    index, count = block_of(rows, batch_size)
     self._args = dict(cfg=cfg, seq_len=seq_len, split="train", shuffle=bool(cfg.shuffle),
-                      seed=seed, process_index=process_index, process_count=process_count)
-    self.batch_size, self.fingerprint = batch_size, dict(fingerprint, seqio_task=cfg.seqio_task)
+                      seed=seed, process_index=index, process_count=count)
+    self.batch_size = len(rows)
+    self.fingerprint = dict(fingerprint, seqio_task=cfg.seqio_task, seqio_shards=count)
     self.masking = bool(cfg.document_masking)
     self.sep = describe(cfg).separator_id
     self._restart(0)
@@ -93,25 +98,28 @@ class SeqioIterator:
 
   def set_state(self, state):
     if state.get("fingerprint") != self.fingerprint:
-      raise DataError("the saved data-iterator state belongs to a different seqio setup; restore the settings "
-                      "it was saved with or start the data stream afresh.")
+      raise DataError("the saved data-iterator state belongs to a different seqio setup (a seqio stream is read in "
+                      "one shard per block of the global batch, so its order depends on the process count); "
+                      "restore the settings it was saved with, or start the data stream afresh "
+                      "(checkpoint.allow_data_restart=true).")
     self._restart(int(state["batches"]))
 
 
-def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
-  return SeqioIterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count, fingerprint=fingerprint)
+def build_train_iterator(cfg, *, seq_len, batch_size, rows, seed, fingerprint):
+  return SeqioIterator(cfg, seq_len=seq_len, batch_size=batch_size, rows=rows, seed=seed, fingerprint=fingerprint)
 
 
-def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, process_count):
+def build_eval_batches(cfg, *, seq_len, batch_size, rows, num_batches):
   info = describe(cfg)
   masking = bool(cfg.document_masking)
-  gen = _windows(cfg, seq_len=seq_len, split="validation", shuffle=False, seed=0, process_index=process_index,
-                 process_count=process_count)
+  index, count = block_of(rows, batch_size)
+  gen = _windows(cfg, seq_len=seq_len, split="validation", shuffle=False, seed=0, process_index=index,
+                 process_count=count)
   batches = []
+  local = len(rows)
   for _ in range(num_batches):
-    rows = [w for _, w in zip(range(batch_size), gen)]
-    if len(rows) < batch_size:
+    rows = [w for _, w in zip(range(local), gen)]
+    if len(rows) < local:
       break
     batches.append(make_batch(np.stack(rows), info.separator_id, masking))
   return {cfg.seqio_task: batches}

@@ -20,7 +20,7 @@ import numpy as np
 
 from maxlm.core.errors import ConfigError, DataError
 from maxlm.core.config import IGNORE_INDEX
-from maxlm.data_pipelines.batches import DataIterator, SourceInfo, to_iter
+from maxlm.data_pipelines.batches import DataIterator, SourceInfo, global_batches
 from maxlm.data_pipelines.raw_records import FileStats, bad_summary
 from maxlm.data_pipelines.text_tokenizer import TextTokenizer
 from maxlm.data_pipelines.tokenization import run_tokenizer
@@ -125,7 +125,7 @@ def read_records(path: str, stats: FileStats) -> list[tuple[str, object]]:
   if not os.path.isfile(path):
     raise DataError(f"data.path {path!r} does not exist: give an Alpaca JSON file (a list of {{instruction, input, "
                     "output}) or a chat JSONL file ({messages: [{role, content}, ...]} per line)")
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with open(path, encoding="utf-8-sig", errors="replace") as f:  # a byte-order mark is not part of line 1
     text = f.read()
   stats.bytes = len(text)
   if text.lstrip().startswith("["):
@@ -420,9 +420,9 @@ def _content_hash(examples: list) -> str:
 # ----------------------------------------------------------------------------- the pipeline interface
 
 
-def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
-  """Infinite batches of this process's rows (row r of the global order goes to process r % process_count), with
-  grain's resumable iterator state."""
+def build_train_iterator(cfg, *, seq_len, batch_size, rows, seed, fingerprint) -> DataIterator:
+  """Infinite batches of this process's rows (row r of global batch b is row b * batch_size + r of the global
+  order), resumable by the global batch index."""
   check_config(cfg)
   data = load(cfg)
   tok = tokenizer_of(cfg)
@@ -431,36 +431,40 @@ def build_train_iterator(cfg, *, seq_len, batch_size, seed, process_index, proce
     raise DataError(f"{data.path}: no training example left ({len(data.validation)} held out by "
                     f"data.validation_fraction = {cfg.validation_fraction}, {dropped} without a response token "
                     f"within seq_len + 1 = {seq_len + 1} tokens); lower the fraction or raise train.seq_len")
-  if process_index == 0:
+  if rows[0] == 0:
     print(data.summary(seq_len) + (f"; {dropped} of the truncated keep no response token and are skipped"
                                    if dropped else ""))
   packing, shuffle = bool(cfg.sft_packing), bool(cfg.shuffle)
   fingerprint = dict(fingerprint, sft=_content_hash(train), sft_packing=packing, sft_template=cfg.sft_template,
                      validation_fraction=float(cfg.validation_fraction))
-  rows = EpochRows(train, seq_len, tok.pad_id, packing=packing, shuffle=shuffle, seed=seed)
-  ds = grain.MapDataset.source(rows).slice(slice(process_index, None, process_count))
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return DataIterator(to_iter(ds, cfg), fingerprint)
+  ds = grain.MapDataset.source(EpochRows(train, seq_len, tok.pad_id, packing=packing, shuffle=shuffle, seed=seed))
+  return global_batches(ds, batch_size, rows, _identity, cfg, fingerprint)
+
+
+def _identity(batch):
+  return batch
 
 
 def batches_of(examples: list, seq_len: int, pad_id: int, *, batch_size: int, num_batches: int, packing: bool,
-               process_index: int = 0, process_count: int = 1) -> list[dict]:
-  """Evaluation batches over examples in file order: this process's share of the rows, every process the same
-  number of batches (rows past the end are padding with targets -100); num_batches 0 = all."""
+               rows=None) -> list[dict]:
+  """Evaluation batches over examples in file order: this process's `rows` (default all) of global batches of
+  batch_size, every process the same number of batches (rows past the end are padding with targets -100);
+  num_batches 0 = all."""
+  mine = range(batch_size) if rows is None else rows
   rows = pack(np.asarray([len(ids) for ids, _ in examples]), np.arange(len(examples)), seq_len, packing)
-  per_step = batch_size * process_count
+  per_step = batch_size
   steps = -(-len(rows) // per_step)
   if num_batches:
     steps = min(steps, num_batches)
   out = []
   for s in range(steps):
-    picked = [s * per_step + r * process_count + process_index for r in range(batch_size)]
+    picked = [s * per_step + r for r in mine]
     arrays = [row_arrays(examples, rows[i] if i < len(rows) else [], seq_len, pad_id) for i in picked]
     out.append({k: np.stack([a[k] for a in arrays]) for k in arrays[0]})
   return out
 
 
-def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, process_count) -> dict:
+def build_eval_batches(cfg, *, seq_len, batch_size, rows, num_batches) -> dict:
   """{"sft": batches} of the held-out split (response-only CE), {} when nothing is held out."""
   check_config(cfg)
   data = load(cfg)
@@ -469,7 +473,7 @@ def build_eval_batches(cfg, *, seq_len, batch_size, num_batches, process_index, 
     return {}
   return {"sft": batches_of(examples, seq_len, tokenizer_of(cfg).pad_id, batch_size=batch_size,
                             num_batches=num_batches, packing=bool(cfg.sft_packing),
-                            process_index=process_index, process_count=process_count)}
+                            rows=rows)}
 
 
 def file_batches(cfg, path: str, *, seq_len: int, batch_size: int, num_batches: int, log=print) -> dict:

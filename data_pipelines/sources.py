@@ -15,7 +15,7 @@ import numpy as np
 from maxlm.core.errors import DataError
 from maxlm.data_pipelines import mixture
 from maxlm.data_pipelines import pcfg
-from maxlm.data_pipelines.batches import DataIterator, SourceInfo, eval_windows, to_iter
+from maxlm.data_pipelines.batches import DataIterator, SourceInfo, eval_windows, global_batches
 from maxlm.data_pipelines.token_store import TokenStore
 from maxlm.data_pipelines.windows import ArrayWindows, PCFGStreamWindows, ReadBatch, ReplayIndex, StoreWindows
 from maxlm.data_pipelines.windows import domain_dataset
@@ -28,22 +28,23 @@ class Source(Protocol):
   """A row of the table. `fingerprint` holds the settings common to every source; a row adds its own, and a saved
   iterator state resumes only under an equal fingerprint."""
 
-  def build_train_iterator(self, cfg, *, seq_len: int, batch_size: int, seed: int, process_index: int,
-                           process_count: int, fingerprint: dict):
-    """Infinite batches of this process's shard, with get_state / set_state."""
+  def build_train_iterator(self, cfg, *, seq_len: int, batch_size: int, rows: tuple[int, ...], seed: int,
+                           fingerprint: dict):
+    """Infinite batches: this process's rows of each global batch of batch_size, with get_state / set_state."""
 
-  def build_eval_batches(self, cfg, *, seq_len: int, batch_size: int, num_batches: int, process_index: int,
-                         process_count: int) -> dict[str, list[dict]]:
-    """{name: [batch]} of held-out data, the same number of batches on every process."""
+  def build_eval_batches(self, cfg, *, seq_len: int, batch_size: int, rows: tuple[int, ...],
+                         num_batches: int) -> dict[str, list[dict]]:
+    """{name: [batch]} of held-out data (this process's rows), the same number of batches on every process."""
 
   def describe(self, cfg) -> SourceInfo:
     """Vocabulary, domains, separator and tokenizer of the source."""
 
 
-def _window_iterator(cfg, ds: grain.MapDataset, windows, separator_id: int, batch_size: int,
+def _window_iterator(cfg, ds: grain.MapDataset, windows, separator_id: int, batch_size: int, rows,
                      fingerprint: dict) -> DataIterator:
-  ds = ds.batch(batch_size, drop_remainder=True).map(ReadBatch(windows, separator_id, cfg.document_masking))
-  return DataIterator(to_iter(ds, cfg), fingerprint)
+  """`ds`: the source's one global order of (domain, window) elements, infinite."""
+  return global_batches(ds, batch_size, rows, ReadBatch(windows, separator_id, cfg.document_masking), cfg,
+                        fingerprint)
 
 
 # ----------------------------------------------------------------------------- token store and replay
@@ -57,31 +58,32 @@ def _store_fingerprint(store: TokenStore) -> str:
 class StoreSource:
   """A token store: windows from each domain's train split mixed by weight, per-domain validation."""
 
-  def build_train_iterator(self, cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
+  def build_train_iterator(self, cfg, *, seq_len, batch_size, rows, seed, fingerprint):
     store = TokenStore(cfg.path)
     fingerprint["store"] = _store_fingerprint(store)
     weights = mixture.resolve_weights(cfg, {d: store.num_tokens(d) for d in store.domains})
     fingerprint["weights"] = weights
     windows = StoreWindows(store, "train", seq_len, list(weights))
-    datasets = [domain_dataset(windows, d, shuffle=cfg.shuffle, seed=seed, process_index=process_index,
-                               process_count=process_count, sharded=False) for d in range(len(weights))]
+    datasets = [domain_dataset(windows, d, shuffle=cfg.shuffle, seed=seed) for d in range(len(weights))]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, list(weights.values()))
-    return _window_iterator(cfg, ds, windows, store.separator_id, batch_size, fingerprint)
+    return _window_iterator(cfg, ds, windows, store.separator_id, batch_size, rows, fingerprint)
 
-  def build_eval_batches(self, cfg, *, seq_len, batch_size, num_batches, process_index, process_count):
+  def build_eval_batches(self, cfg, *, seq_len, batch_size, rows, num_batches):
     store = TokenStore(cfg.path)
     out = {}
     for domain in store.domains:
       n = store.num_tokens(domain, "validation")
       if n >= 2:
         read = functools.partial(store.read, domain, "validation")
-        out[domain] = eval_windows(read, n, seq_len, batch_size, num_batches, process_index, process_count,
-                                   store.separator_id, cfg.document_masking)
+        out[domain] = eval_windows(read, n, seq_len, batch_size, rows, num_batches, store.separator_id,
+                                   cfg.document_masking)
     return out
 
   def describe(self, cfg) -> SourceInfo:
     store = TokenStore(cfg.path)
     override = cfg.tokenizer
+    if override:  # checked now, not at the first decode: a run would train on ids of one tokenizer and export another
+      store.check_tokenizer(override)
     path = override or store.tokenizer_path()
 
     def decode(ids):
@@ -95,7 +97,7 @@ class ReplaySource(StoreSource):
   """A token store read in the fixed order of a global index file (OLMo's global_indices.npy); validation and
   description as the store's."""
 
-  def build_train_iterator(self, cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
+  def build_train_iterator(self, cfg, *, seq_len, batch_size, rows, seed, fingerprint):
     store = TokenStore(cfg.path)
     fingerprint["store"] = _store_fingerprint(store)
     windows = StoreWindows(store, "train", seq_len, store.domains)
@@ -115,11 +117,10 @@ class ReplaySource(StoreSource):
                       f"{offsets[-1]} windows of {windows.seq_len + 1} tokens (domains {windows.domains} in "
                       "order); it was made for another store or seq_len.")
     fingerprint["index_file"] = hashlib.sha256(np.ascontiguousarray(indices[:4096]).tobytes()).hexdigest()[:16]
-    # Fixed order by design: each process takes every process_count-th index (as OLMo's loader does); epochs
-    # replay the same order.
-    ds = grain.MapDataset.source(ReplayIndex(path, offsets[:-1]))
-    ds = ds.slice(slice(process_index, None, process_count)).repeat(None)
-    return _window_iterator(cfg, ds, windows, store.separator_id, batch_size, fingerprint)
+    # Fixed order by design: index i is element i of the global order (batch i // global_batch, row
+    # i % global_batch, as OLMo's loader reads it); epochs replay the same order.
+    ds = grain.MapDataset.source(ReplayIndex(path, offsets[:-1])).repeat(None)
+    return _window_iterator(cfg, ds, windows, store.separator_id, batch_size, rows, fingerprint)
 
 
 # ----------------------------------------------------------------------------- PCFG
@@ -129,7 +130,7 @@ class PCFGSource:
   """A PCFG's sentences: a finite pre-sampled corpus (data.pcfg_tokens > 0) or an unbounded stream sampled on
   demand; validation from its own fixed stream; the true entropy rate in the description."""
 
-  def build_train_iterator(self, cfg, *, seq_len, batch_size, seed, process_index, process_count, fingerprint):
+  def build_train_iterator(self, cfg, *, seq_len, batch_size, rows, seed, fingerprint):
     g = pcfg.load_grammar(cfg.grammar)
     fingerprint["grammar"] = g.text_hash[:16]
     num_tokens = int(cfg.pcfg_tokens)
@@ -137,20 +138,18 @@ class PCFGSource:
     shuffle = cfg.shuffle
     if num_tokens > 0:
       windows = ArrayWindows(g.sample_stream(num_tokens, seed, PCFG_TRAIN_TAG), seq_len, "pcfg")
-      sharded = False
     else:
-      windows = PCFGStreamWindows(cfg.grammar, seed, PCFG_TRAIN_TAG, seq_len, process_index, process_count)
-      sharded, shuffle = True, False  # an unbounded i.i.d. stream needs no shuffle
-    ds = domain_dataset(windows, 0, shuffle=shuffle, seed=seed, process_index=process_index,
-                        process_count=process_count, sharded=sharded)
-    return _window_iterator(cfg, ds, windows, g.separator_id, batch_size, fingerprint)
+      windows = PCFGStreamWindows(cfg.grammar, seed, PCFG_TRAIN_TAG, seq_len)
+      shuffle = False  # an unbounded i.i.d. stream needs no shuffle
+    ds = domain_dataset(windows, 0, shuffle=shuffle, seed=seed)
+    return _window_iterator(cfg, ds, windows, g.separator_id, batch_size, rows, fingerprint)
 
-  def build_eval_batches(self, cfg, *, seq_len, batch_size, num_batches, process_index, process_count):
+  def build_eval_batches(self, cfg, *, seq_len, batch_size, rows, num_batches):
     g = pcfg.load_grammar(cfg.grammar)
-    need = num_batches * batch_size * process_count * seq_len + 1
+    need = num_batches * batch_size * seq_len + 1
     tokens = g.sample_stream(need, PCFG_EVAL_SEED, PCFG_EVAL_TAG)
-    return {"pcfg": eval_windows(lambda s, e: tokens[s:e], need, seq_len, batch_size, num_batches,
-                                 process_index, process_count, g.separator_id, cfg.document_masking)}
+    return {"pcfg": eval_windows(lambda s, e: tokens[s:e], need, seq_len, batch_size, rows, num_batches,
+                                 g.separator_id, cfg.document_masking)}
 
   def describe(self, cfg) -> SourceInfo:
     g = pcfg.load_grammar(cfg.grammar)

@@ -4,23 +4,15 @@ separator id, vocab size and content hash the token store records, and the JSON 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
+from maxlm.core.paths import file_sha256
 from maxlm.core.errors import DataError
 from maxlm.core.paths import resolve_tokenizer_path
 
 # Tried in order when no separator is given: end-of-document tokens of common tokenizers.
 SEPARATOR_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]")
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def tokenizer_kind(path: str) -> str:
@@ -86,7 +78,12 @@ class TextTokenizer:
       try:
         if self.kind == "hf":
           import tokenizers  # pylint: disable=import-outside-toplevel
-          self._tok = tokenizers.Tokenizer.from_file(self.path)
+          tok = tokenizers.Tokenizer.from_file(self.path)
+          # A tokenizer.json may carry truncation and padding for a model's inputs (BERT's: 128 tokens, [PAD]);
+          # documents are encoded whole and unpadded, as transformers' tokenizer(text) does unless asked.
+          tok.no_truncation()
+          tok.no_padding()
+          self._tok = tok
         else:
           import sentencepiece  # pylint: disable=import-outside-toplevel
           self._tok = sentencepiece.SentencePieceProcessor(model_file=self.path)

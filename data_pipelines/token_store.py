@@ -17,6 +17,8 @@ import numpy as np
 import tensorstore as ts
 
 from maxlm.core.errors import DataError
+from maxlm.core.paths import resolve_tokenizer_path
+from maxlm.core.paths import file_sha256
 from maxlm.data_pipelines.text_tokenizer import TextTokenizer
 
 MANIFEST = "manifest.json"
@@ -76,6 +78,10 @@ def array_spec(root: str, rel_path: str, *, shape: int | None = None, dtype: str
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}],
     }
   return spec
+
+
+class TokenizerMismatchError(DataError):
+  """A tokenizer file that is not the one a store was prepared with."""
 
 
 class KV:
@@ -153,8 +159,26 @@ class TokenStore:
       rel = self.manifest["domains"][domain]["path"] + "/" + split
       # A small cache keeps shard indices in memory: without it every window read re-fetches the index.
       ctx = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
-      self._arrays[key] = ts.open(array_spec(self.root, rel), read=True, context=ctx).result()
+      arr = ts.open(array_spec(self.root, rel), read=True, context=ctx).result()
+      self._check_shards(domain, split, rel, arr)
+      self._arrays[key] = arr
     return self._arrays[key]
+
+  def _check_shards(self, domain: str, split: str, rel: str, arr: ts.TensorStore) -> None:
+    """Every shard file the manifest's token count implies is present (one listing): tensorstore reads a missing
+    shard as the fill value, so a deleted file would otherwise train on token 0 without a word."""
+    tokens = self.num_tokens(domain, split)
+    if arr.shape[0] != tokens:
+      raise DataError(f"token store {self.root}: domain {domain!r} {split} holds {arr.shape[0]} tokens but the "
+                      f"manifest says {tokens}: the store is damaged; prepare it again into a new --output")
+    shard = arr.chunk_layout.write_chunk.shape[0]
+    expected = {f"{rel}/c/{i}" for i in range(-(-tokens // shard))}
+    missing = sorted(expected - set(KV(self.root).list(rel + "/c/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+    if missing:
+      raise DataError(f"token store {self.root} is damaged: domain {domain!r} ({split} split) is missing "
+                      f"{len(missing)} of its {len(expected)} shard file(s) ({', '.join(missing[:3])}"
+                      f"{', ...' if len(missing) > 3 else ''}); their tokens would read as 0. Restore the files, or "
+                      "prepare the store again into a new --output")
 
   def read(self, domain: str, split: str, start: int, stop: int) -> np.ndarray:
     return self.array(domain, split)[start:stop].read().result()
@@ -189,9 +213,20 @@ class TokenStore:
       path = override or self.tokenizer_path()
       if not path:
         raise DataError(f"store {self.root} has no tokenizer copy; set data.tokenizer to the tokenizer file.")
-      tok = TextTokenizer(path, separator=self.manifest["tokenizer"].get("separator"))
-      if tok.sha256 != self.manifest["tokenizer"]["sha256"]:
-        raise DataError(f"tokenizer {path} (sha256 {tok.sha256[:12]}) is not the one the store {self.root} was "
-                        f"prepared with (sha256 {self.manifest['tokenizer']['sha256'][:12]}); use that one.")
-      self._tokenizer = tok
+      self.check_tokenizer(path)
+      self._tokenizer = TextTokenizer(path, separator=self.manifest["tokenizer"].get("separator"))
     return self._tokenizer
+
+  def check_tokenizer(self, path: str) -> None:
+    """A DataError unless the tokenizer file `path` is the one the store was prepared with (its sha256)."""
+    resolved = resolve_tokenizer_path(path)
+    if not resolved or not os.path.isfile(resolved):
+      raise DataError(f"tokenizer {path!r} not found: leave data.tokenizer empty (the store {self.root} carries its "
+                      "own copy) or point it at the tokenizer the store was prepared with.")
+    sha = file_sha256(resolved)
+    if sha != self.manifest["tokenizer"]["sha256"]:
+      raise TokenizerMismatchError(
+          f"tokenizer {path} (sha256 {sha[:12]}) is not the one the store {self.root} was prepared with (sha256 "
+          f"{self.manifest['tokenizer']['sha256'][:12]}, {self.vocab_size} tokens): the store's ids would be read, "
+          "decoded and exported as another tokenizer's. Leave data.tokenizer empty (the store carries its own copy) "
+          "or point it at that tokenizer.")

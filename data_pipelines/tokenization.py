@@ -12,12 +12,13 @@ import os
 import shutil
 
 from maxlm.core.errors import ConversionError, DataError
+from maxlm.data_pipelines.masking import MASK
 from maxlm.data_pipelines.pcfg import load_grammar
 from maxlm.data_pipelines.text_tokenizer import SEPARATOR_CANDIDATES
 from maxlm.data_pipelines.text_tokenizer import TextTokenizer
 from maxlm.data_pipelines.text_tokenizer import named_special_token
 from maxlm.data_pipelines.text_tokenizer import tokenizer_kind
-from maxlm.data_pipelines.token_store import TokenStore
+from maxlm.data_pipelines.token_store import TokenStore, TokenizerMismatchError
 
 # ----------------------------------------------------------------------------- the tokenizer of a run
 
@@ -31,6 +32,13 @@ def run_tokenizer(data_cfg) -> tuple[str | None, object]:
   if data_cfg.tokenizer:
     if not os.path.isfile(data_cfg.tokenizer):  # config.finalize already took a directory's tokenizer file
       return None, f"data.tokenizer {data_cfg.tokenizer} does not exist here (or holds no tokenizer.json/.model)"
+    if data_cfg.source in ("store", "replay") and data_cfg.path:
+      try:  # a run saved before training checked this: never export or decode with a tokenizer the ids are not of
+        TokenStore(data_cfg.path).check_tokenizer(data_cfg.tokenizer)
+      except TokenizerMismatchError as e:
+        return None, str(e)
+      except (DataError, OSError):
+        pass  # an unreadable store: the tokenizer file is all there is to go by
     return "file", data_cfg.tokenizer
   if data_cfg.source in ("store", "replay") and data_cfg.path:
     try:
@@ -48,16 +56,22 @@ def run_tokenizer(data_cfg) -> tuple[str | None, object]:
 
 
 class WordTokenizer:
-  """A PCFG's word-level vocabulary behind TextTokenizer's interface (no special tokens)."""
+  """A PCFG's word-level vocabulary behind TextTokenizer's interface (no special tokens). With `mask` (a masked-LM
+  run, data.mlm) the word <mask> is one more id, the grammar's vocabulary size (data_pipelines/masking.py)."""
 
-  def __init__(self, grammar):
+  def __init__(self, grammar, mask: bool = False):
     self.grammar, self.separator_id = grammar, grammar.separator_id
+    self.mask_id = grammar.vocab_size if mask else None
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [self.grammar.encode(t) for t in texts]
+    if self.mask_id is None:
+      return [self.grammar.encode(t) for t in texts]
+    return [[self.mask_id if w == MASK else i for w, i in zip(t.split(), self.grammar.encode(t))] for t in texts]
 
   def decode(self, ids) -> str:
-    return self.grammar.decode(ids)
+    if self.mask_id is None:
+      return self.grammar.decode(ids)
+    return " ".join(MASK if int(i) == self.mask_id else self.grammar.decode([i]) for i in ids)
 
   def special_tokens(self) -> tuple[list[int], list[int]]:
     return [], []
@@ -70,7 +84,7 @@ def run_text_tokenizer(data_cfg):
   if kind == "file":
     return TextTokenizer(what)
   if kind == "pcfg":
-    return WordTokenizer(what)
+    return WordTokenizer(what, mask=bool(getattr(data_cfg, "mlm", False)))
   raise DataError(f"cannot tokenize text for this checkpoint: {what}. Set data.tokenizer in the run's config "
                   "(a tokenizer.json or SentencePiece .model) or use token ids / a token store instead")
 

@@ -53,11 +53,10 @@ class ArrayWindows:
 
 class PCFGStreamWindows:
   """An unbounded PCFG token stream cut into chunks sampled on demand from (seed, tag, chunk): random access
-  without pre-sampling. Process p owns chunks p, p+P, ...: no two processes sample the same chunk."""
+  without pre-sampling. Window j is in chunk j // per_chunk, whichever process reads it."""
 
-  def __init__(self, grammar: str, seed: int, tag: int, seq_len: int, process_index: int, process_count: int):
+  def __init__(self, grammar: str, seed: int, tag: int, seq_len: int):
     self.grammar, self.seed, self.tag, self.seq_len = grammar, seed, tag, seq_len
-    self.process_index, self.process_count = process_index, process_count
     self.per_chunk = max(1, PCFG_CHUNK_TOKENS // seq_len)
     self.domains = ["pcfg"]
     self._cache = collections.OrderedDict()
@@ -66,7 +65,7 @@ class PCFGStreamWindows:
     return dict(self.__dict__, _cache=collections.OrderedDict())
 
   def num_windows(self, d: int) -> int:
-    return PCFG_INFINITE_WINDOWS  # per process
+    return PCFG_INFINITE_WINDOWS
 
   def _chunk(self, c: int) -> np.ndarray:
     if c not in self._cache:
@@ -85,8 +84,8 @@ class PCFGStreamWindows:
   def read(self, d: int, ids: np.ndarray) -> np.ndarray:
     out = np.empty((len(ids), self.seq_len + 1), np.int32)
     for i, j in enumerate(np.asarray(ids, np.int64)):
-      local_chunk, k = divmod(int(j), self.per_chunk)
-      chunk = self._chunk(local_chunk * self.process_count + self.process_index)
+      c, k = divmod(int(j), self.per_chunk)
+      chunk = self._chunk(c)
       out[i] = chunk[k * self.seq_len:(k + 1) * self.seq_len + 1]
     return out
 
@@ -134,16 +133,13 @@ def _tag(d: int, w):
   return np.int64(d), np.int64(w)
 
 
-def domain_dataset(windows, d: int, *, shuffle: bool, seed: int, process_index: int, process_count: int,
-                   sharded: bool) -> grain.MapDataset:
-  """Domain d's (domain, window) indices, this process's share, shuffled per domain from the seed, repeated."""
+def domain_dataset(windows, d: int, *, shuffle: bool, seed: int) -> grain.MapDataset:
+  """Domain d's (domain, window) indices in one global order, shuffled per domain from the seed, repeated."""
   n = windows.num_windows(d)
   ds = grain.MapDataset.range(n)
-  if not sharded:  # block-sharded sources (PCFG stream) already give each process its own windows
-    ds = ds.slice(slice(process_index, None, process_count))
   if len(ds) == 0:
-    raise DataError(f"domain {windows.domains[d]!r} has {n} windows of seq_len+1 tokens, too few for "
-                    f"{process_count} processes; lower seq_len, drop the domain from the weights, or add data.")
+    raise DataError(f"domain {windows.domains[d]!r} has no window of seq_len+1 tokens; lower seq_len, drop the "
+                    "domain from the weights, or add data.")
   if shuffle:
     ds = ds.shuffle(seed=seed32(seed, windows.domains[d]))
   return ds.repeat(None).map(functools.partial(_tag, d))

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from maxlm.errors import ConfigError
+from maxlm.core import targets
+from maxlm.core.errors import ConfigError
 
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 # Splash tiles: the largest of these dividing the sequence (Mosaic needs kv blocks of whole 128-lane vregs).
 SPLASH_BLOCKS = (512, 256, 128)
-# Mesh axes the batch and the heads are split over (maxlm.sharding's rules for activations).
+# Mesh axes the batch and the heads are split over (maxlm.core.sharding's rules for activations).
 BATCH_AXES = ("data", "fsdp")
 HEADS_AXIS = "tensor"
 
@@ -27,48 +28,116 @@ _warned: set[str] = set()  # each warning once per process, not once per trace
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, backend: str = "auto", mask_Bx1xTxT=None, segment_ids_BxT=None,
-              platform: str | None = None, mesh=None):
-  """Causal self-attention with grouped KV heads (N query heads, K kv heads, N % K == 0), scaled by 1/sqrt(H).
+              platform: str | None = None, mesh=None, causal: bool = True):
+  """Self-attention with grouped KV heads (N query heads, K kv heads, N % K == 0), scaled by 1/sqrt(H); causal, or
+  bidirectional with `causal=False` (model.causal, masked-LM encoders) in every backend.
 
-  backend: "auto" (`cpu_attention` on CPU, JAX's choice elsewhere: cuDNN flash on GPU where it applies), "xla", "cudnn",
-  or "splash" (the Pallas TPU kernel; TPU interpret mode on CPU, for tests). Document masking: segment_ids_BxT
+  backend: "auto" (`auto_backend`: `cpu_attention` on CPU, splash on TPU and cuDNN flash attention on NVIDIA GPUs
+  where they apply, else XLA's with one warning saying why), "xla", "cudnn", or "splash" (the Pallas TPU kernel; TPU
+  interpret mode on CPU, for tests); the platform is the mesh's devices' (a compile for another target included).
+  Document masking: segment_ids_BxT
   (tokens attend only within their segment) or an equivalent boolean mask_Bx1xTxT (seg_q == seg_k).
   mesh: with more than one device, splash runs per shard under shard_map (batch over data/fsdp, heads over tensor).
   """
   if backend not in BACKENDS:
     raise ConfigError(f"unknown model.attention {backend!r}; valid: {list(BACKENDS)}")
-  if platform is None:
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  device = mesh.devices.flat[0] if mesh is not None else None
+  if platform is None:  # the mesh's devices decide, also when compiling on a CPU host for another target
+    platform = targets.mesh_platform(mesh) if mesh is not None else jax.default_backend()
+  if backend == "auto":
+    backend, why = auto_backend(platform, device, q_BxTxNxH, k_BxTxKxH, mesh)
+    if why:
+      _warn_once(f"model.attention=auto runs XLA's attention on {platform}: {why}")
   if backend == "splash" and not _splash_fits(q_BxTxNxH, k_BxTxKxH):
     # A prompt's prefill has any length: it takes JAX's attention (training shapes are checked by the config).
     _warn_once(f"model.attention=splash needs self-attention over a multiple of 128 positions; q {q_BxTxNxH.shape}, "
                f"k {k_BxTxKxH.shape} run jax.nn.dot_product_attention instead")
-    backend = "auto"
+    backend = "cpu" if platform == "cpu" else "xla"
   if backend == "splash":
     if segment_ids_BxT is None and mask_Bx1xTxT is not None:
       segment_ids_BxT = segment_ids_from_mask(mask_Bx1xTxT)
     return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=segment_ids_BxT, platform=platform,
-                            mesh=mesh)
+                            mesh=mesh, causal=causal)
   if mask_Bx1xTxT is None and segment_ids_BxT is not None:
     mask_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
-  if backend == "auto" and platform == "cpu":
-    return cpu_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT=mask_Bx1xTxT)
+  if backend == "cpu":
+    return cpu_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT=mask_Bx1xTxT, causal=causal)
   impl = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[backend]
-  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=True,
+  # cuDNN takes is_causal=False as its NO_MASK type with the document mask as given: bidirectional there too.
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, is_causal=causal,
                                       implementation=impl, scale=1.0 / math.sqrt(q_BxTxNxH.shape[-1]))
 
 
-def cpu_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxT=None):
-  """Causal attention in the layout XLA's CPU backend runs fastest: heads-major (B, K, G, T, H) operands, the
-  1/sqrt(H) folded into q, the causal and document masks one additive bias, softmax in fp32 with its max held
-  constant. The same function as jax.nn.dot_product_attention's XLA path (to fp32 rounding); its forward and
-  backward ran 1.4x (one core) to 1.5x (two cores) faster at the demo shape (docs/BENCHMARKS.md)."""
+def auto_backend(platform: str, device, q_BxTxNxH, k_BxTxKxH, mesh=None) -> tuple[str, str]:
+  """(backend, why not a kernel) of model.attention=auto: "cpu" (cpu_attention) on CPU, splash on TPU and cuDNN flash
+  attention on NVIDIA GPUs wherever they apply (causal, document masks, GQA), else XLA's attention with the reason.
+  Decided from the target device (its kind, compute capability), not from the host jax runs on."""
+  if platform == "cpu":
+    return "cpu", ""
+  if platform == "tpu":
+    if not _splash_fits(q_BxTxNxH, k_BxTxKxH):
+      return "xla", (f"splash needs self-attention over a multiple of {SPLASH_BLOCKS[-1]} positions; q "
+                      f"{q_BxTxNxH.shape}, k {k_BxTxKxH.shape}")
+    shards = mesh.shape[HEADS_AXIS] if mesh is not None and HEADS_AXIS in mesh.axis_names else 1
+    if k_BxTxKxH.shape[2] % shards:
+      return "xla", f"splash shards whole kv heads: {k_BxTxKxH.shape[2]} kv heads do not divide mesh.tensor={shards}"
+    return "splash", ""
+  if platform == "gpu":
+    why = cudnn_unfit(device, q_BxTxNxH, k_BxTxKxH)
+    return ("xla", why) if why else ("cudnn", "")
+  return "xla", f"no attention kernel for {platform}"
+
+
+# cuDNN flash attention's head-dim limit (jax's check_is_flash_attention): 256 from Hopper (9.0) on, else 128.
+CUDNN_MAX_HEAD_DIM, CUDNN_MAX_HEAD_DIM_HOPPER = 128, 256
+CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def compute_capability(device) -> tuple[int, int] | None:
+  """An NVIDIA device's compute capability: its own attribute (compile-only devices have it too), else from its kind."""
+  cap = getattr(device, "compute_capability", None)
+  if cap:
+    return tuple(int(x) for x in str(cap).split(".")[:2])
+  kind = getattr(device, "device_kind", "").upper()
+  for names, value in ((("H100", "H200", "H800", "GH200"), (9, 0)), (("B200", "GB200"), (10, 0)),
+                       (("A100", "A800", "A10", "A40", "L40"), (8, 0))):
+    if any(n in kind for n in names):
+      return value
+  return None
+
+
+def cudnn_unfit(device, q_BxTxNxH, k_BxTxKxH) -> str:
+  """Why cuDNN flash attention does not take these operands on `device` ("" when it does)."""
+  cap = compute_capability(device) if device is not None else None
+  if cap is None:
+    return f"no NVIDIA compute capability known for {getattr(device, 'device_kind', 'this device')!r}"
+  if cap < (8, 0):
+    return f"cuDNN flash attention needs compute capability 8.0 or later, not {cap[0]}.{cap[1]}"
+  dtype = jnp.dtype(q_BxTxNxH.dtype).name
+  if dtype not in CUDNN_DTYPES:
+    return f"cuDNN flash attention takes bfloat16 or float16, not {dtype} (model.compute_dtype)"
+  head_dim = q_BxTxNxH.shape[-1]
+  limit = CUDNN_MAX_HEAD_DIM_HOPPER if cap >= (9, 0) else CUDNN_MAX_HEAD_DIM
+  if head_dim > limit or head_dim % 8:
+    return (f"cuDNN flash attention on compute capability {cap[0]}.{cap[1]} takes head dims up to {limit} in steps "
+            f"of 8, not {head_dim}")
+  if q_BxTxNxH.shape[1] % 2 or k_BxTxKxH.shape[1] % 2:
+    return f"cuDNN's masked training attention needs even lengths, not {q_BxTxNxH.shape[1]} x {k_BxTxKxH.shape[1]}"
+  return ""
+
+
+def cpu_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask_Bx1xTxT=None, causal: bool = True):
+  """Causal (or, `causal=False`, bidirectional) attention in the layout XLA's CPU backend runs fastest: heads-major
+  (B, K, G, T, H) operands, the 1/sqrt(H) folded into q, the causal and document masks one additive bias, softmax
+  in fp32 with its max held constant. The same function as jax.nn.dot_product_attention's XLA path (to fp32
+  rounding); its forward and backward ran 1.4x (one core) to 1.5x (two cores) faster at the demo shape
+  (docs/BENCHMARKS.md)."""
   B, T, N, H = q_BxTxNxH.shape
   S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
   q = (q_BxTxNxH * jnp.asarray(1.0 / math.sqrt(H), q_BxTxNxH.dtype)).reshape(B, T, K, N // K, H)
   q_BxKxGxTxH = q.transpose(0, 2, 3, 1, 4)
   k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
-  visible = jnp.tril(jnp.ones((T, S), bool))  # as jax.nn.dot_product_attention's is_causal
+  visible = jnp.tril(jnp.ones((T, S), bool)) if causal else jnp.ones((T, S), bool)  # as is_causal
   if mask_Bx1xTxT is not None:
     visible = visible & mask_Bx1xTxT
   bias = jnp.where(visible, 0.0, -1e30).astype(jnp.float32).reshape(-1, 1, 1, T, S)
@@ -106,12 +175,14 @@ def splash_block(seq_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
-  """The splash kernel for causal self-attention of `heads` heads (the mask info is built once, in numpy)."""
+def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool, causal: bool = True):
+  """The splash kernel for causal (or full, bidirectional) self-attention of `heads` heads (the mask info is built
+  once, in numpy)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len)) for _ in range(heads)])
+  one = splash_mask.CausalMask if causal else splash_mask.FullMask
+  mask = splash_mask.MultiHeadMask([one((seq_len, seq_len)) for _ in range(heads)])
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   interpret_arg = False
@@ -134,8 +205,9 @@ def _splash_interpret(platform: str) -> bool:
 
 
 def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, platform: str | None = None,
-                     mesh=None, block: int | None = None):
-  """Causal (and, with segment ids, document-masked) attention through the Pallas TPU splash kernel.
+                     mesh=None, block: int | None = None, causal: bool = True):
+  """Causal or (causal=False) bidirectional attention, document-masked with segment ids, through the Pallas TPU
+  splash kernel.
 
   block: the q/kv tile (default: the largest of SPLASH_BLOCKS dividing T)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -154,7 +226,7 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, p
 
   def local(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT):
     # Query head n reads kv head n // (N / K), as jax.nn.dot_product_attention's GQA does.
-    kernel = _splash_kernel(q_BxNxTxH.shape[1], T, block, interpret)
+    kernel = _splash_kernel(q_BxNxTxH.shape[1], T, block, interpret, causal)
 
     def one(args):
       q, k, v, s = args

@@ -49,7 +49,7 @@ def compute_dtype(*xs):
   return jnp.result_type(*(x.dtype for x in xs))
 
 
-def _vma(*xs):
+def varying_axes(*xs):
   """Mesh axes the values vary over inside shard_map (empty outside it)."""
   out = frozenset()
   for x in xs:
@@ -60,9 +60,9 @@ def _vma(*xs):
   return out
 
 
-def _varying(x, vma):
+def mark_varying(x, vma):
   """Casts a fresh loop carry to vary over `vma`, the type the loop body will give it back with."""
-  missing = tuple(sorted(vma - _vma(x)))
+  missing = tuple(sorted(vma - varying_axes(x)))
   if not missing:
     return x
   if hasattr(lax, "pcast"):  # jax >= 0.8
@@ -146,8 +146,8 @@ def tile_dz(z_TxC, col_ok_1xC, hit_TxC, s_TxC, lse_Tx1, coef_p_Tx1, coef_y_Tx1, 
 
 def initial_state(shape, vma):
   """The online state before any tile: m = -inf, sums 0 (each array marked varying over `vma`)."""
-  zeros = _varying(jnp.zeros(shape, F32), vma)
-  return (_varying(jnp.full(shape, -jnp.inf, F32), vma), zeros, zeros, zeros, zeros)
+  zeros = mark_varying(jnp.zeros(shape, F32), vma)
+  return (mark_varying(jnp.full(shape, -jnp.inf, F32), vma), zeros, zeros, zeros, zeros)
 
 
 # ----------------------------------------------------------------------------- vocab-major order (CPU plan)
@@ -210,7 +210,7 @@ def _forward_vocab_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE
   n = hidden_NxD.shape[0]
   local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
   ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
-  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE)
+  vma = varying_axes(hidden_NxD, w_DxV, labels_N, cost_VxE)
   state = dict(zip(STATE_KEYS, (x[:, 0] for x in initial_state((n, 1), vma))))
 
   def vocab_body(j, state):
@@ -236,7 +236,7 @@ def _backward_vocab_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_Vx
   (n, d) = hidden_NxD.shape
   local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
   ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
-  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, *per_token.values())
+  vma = varying_axes(hidden_NxD, w_DxV, labels_N, cost_VxE, *per_token.values())
 
   def vocab_body(j, carry):
     dh_NxD, dw_DxV = carry
@@ -255,7 +255,7 @@ def _backward_vocab_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_Vx
       dh_NxD = lax.dynamic_update_slice_in_dim(dh_NxD, dh_TxD, tile.t0, axis=0)
       return dh_NxD, dw_DxC + dot(tile.h_TxD, dz_TxC, ((0,), (0,)))
 
-    dw_DxC = _varying(jnp.zeros((d, plan.block_vocab), F32), vma)
+    dw_DxC = mark_varying(jnp.zeros((d, plan.block_vocab), F32), vma)
     dh_NxD, dw_DxC = lax.fori_loop(0, plan.token_chunks, token_body, (dh_NxD, dw_DxC))
     # The head gradient is written chunk by chunk into the output buffer, never accumulated whole
     # in fp32; columns shared with the previous chunk keep what that chunk wrote.
@@ -266,7 +266,7 @@ def _backward_vocab_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_Vx
     dw_DxV = _update_slice(dw_DxV, dw_DxC, v0, axis=1)
     return dh_NxD, dw_DxV
 
-  carry = (_varying(jnp.zeros((n, d), F32), vma), _varying(jnp.zeros(w_DxV.shape, w_DxV.dtype), vma))
+  carry = (mark_varying(jnp.zeros((n, d), F32), vma), mark_varying(jnp.zeros(w_DxV.shape, w_DxV.dtype), vma))
   return lax.fori_loop(0, plan.vocab_chunks, vocab_body, carry)
 
 
@@ -345,7 +345,7 @@ def _forward_token_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_VxE
   local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
   ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
   e_VxE = _unit_cost(cost_VxE, w_DxV.dtype)
-  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE)
+  vma = varying_axes(hidden_NxD, w_DxV, labels_N, cost_VxE)
 
   def chunk_fn(t0, size, state):
     chunk = _TokenChunk(cfg, hidden_NxD, w_DxV, local_labels_N, e_VxE, ey_NxE, t0, size)
@@ -368,7 +368,7 @@ def _backward_token_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_Vx
   local_labels_N = local_labels(labels_N, cfg.ignore_index, cfg.vocab_axis, w_DxV.shape[1])
   ey_NxE = _sharded_label_embedding(cfg, cost_VxE, local_labels_N)
   e_VxE = _unit_cost(cost_VxE, w_DxV.dtype)
-  vma = _vma(hidden_NxD, w_DxV, labels_N, cost_VxE, *per_token.values())
+  vma = varying_axes(hidden_NxD, w_DxV, labels_N, cost_VxE, *per_token.values())
 
   def chunk_fn(t0, size, carry):
     dh_NxD, dw_DxV = carry
@@ -388,11 +388,11 @@ def _backward_token_major(cfg: StatsConfig, hidden_NxD, w_DxV, labels_N, cost_Vx
       dw_DxC = lax.dynamic_slice_in_dim(dw_DxV, v0, plan.block_vocab, axis=1) + dw_part_DxC
       return dh_TxD + dh_part_TxD, lax.dynamic_update_slice_in_dim(dw_DxV, dw_DxC, v0, axis=1)
 
-    dh_TxD = None if plan.vocab_chunks == 1 else _varying(jnp.zeros((size, d), F32), vma)
+    dh_TxD = None if plan.vocab_chunks == 1 else mark_varying(jnp.zeros((size, d), F32), vma)
     dh_TxD, dw_DxV = _over_vocab(plan, vocab_step, (dh_TxD, dw_DxV))
     return _update_slice(dh_NxD, dh_TxD.astype(hidden_NxD.dtype), t0, axis=0), dw_DxV
 
-  carry = (_varying(jnp.zeros((n, d), hidden_NxD.dtype), vma), _varying(jnp.zeros(w_DxV.shape, F32), vma))
+  carry = (mark_varying(jnp.zeros((n, d), hidden_NxD.dtype), vma), mark_varying(jnp.zeros(w_DxV.shape, F32), vma))
   return _over_tokens(plan, chunk_fn, carry)
 
 

@@ -1,6 +1,7 @@
 """`fused_loss`: picks an implementation (reference, blockwise, pallas) and runs it, sharded under a mesh.
 
-Owns argument checking, the shard_map wrapper (tokens over data/fsdp, vocabulary over tensor) and the objective split.
+Owns argument checking, the Pallas dispatch (which kernel module for which platform), the shard_map wrapper
+(tokens over data/fsdp, vocabulary over tensor) and the objective split.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from maxlm import losses
-from maxlm.errors import ConfigError
+from maxlm.core.errors import ConfigError
 from maxlm.kernels import blockwise, tiling
 
 IMPLS = ("auto", "reference", "blockwise", "pallas")
@@ -23,7 +24,7 @@ IMPLS = ("auto", "reference", "blockwise", "pallas")
 # benchmarks/device_check.py shows impl="pallas" correct on that machine AND faster than the blockwise plan
 # (on GPU the Triton backward's atomics make that unlikely: DESIGN.md section 10).
 PALLAS_AUTO_PLATFORMS: tuple[str, ...] = ()
-# Mesh axes (DESIGN.md / maxlm.sharding): tokens are split over these, the vocabulary over TENSOR_AXIS.
+# Mesh axes (DESIGN.md / maxlm.core.sharding): tokens are split over these, the vocabulary over TENSOR_AXIS.
 TOKEN_AXES = ("data", "fsdp")
 TENSOR_AXIS = "tensor"
 
@@ -32,6 +33,12 @@ def _platform(mesh) -> str:
   if mesh is not None:
     return mesh.devices.flat[0].platform
   return jax.default_backend()
+
+
+def _device_kind(mesh) -> str:
+  """The chip the kernels compile for (jax's device_kind, "TPU v5 lite", ...): the mesh's, else the default one's."""
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  return device.device_kind
 
 
 def _plan_platform(platform: str) -> str:
@@ -48,7 +55,7 @@ def resolve_impl(impl: str, mesh=None) -> str:
   return impl
 
 
-def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret, tile_plan):
+def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret, tile_plan, device_kind=None):
   """A function (hidden, w, labels, cost, ignore_index, vocab_axis) -> token stats for `impl`."""
   if impl == "blockwise":
     plan_platform = tiling.check_platform(tile_plan) if tile_plan is not None else _plan_platform(platform)
@@ -59,9 +66,55 @@ def _stats_fn(impl: str, platform: str, *, block_tokens, block_vocab, interpret,
     return stats
   if tile_plan is not None:
     raise ConfigError(f"fused_loss tile_plan={tile_plan!r} chooses a blockwise plan; impl={impl!r} has its own tiles")
-  from maxlm.kernels import pallas_common  # local: Pallas imports are heavy and backend-specific
-  return pallas_common.stats_fn(platform, block_tokens=block_tokens, block_vocab=block_vocab,
-                                  interpret=interpret)
+  return _pallas_stats_fn(platform, block_tokens=block_tokens, block_vocab=block_vocab, interpret=interpret,
+                          device_kind=device_kind)
+
+
+def _pallas_kernel(platform: str, interpret) -> tuple[str, Any]:
+  """(kernel "gpu" | "tpu", the interpret argument of pallas_call) for `platform` and the user's `interpret`.
+
+  interpret None/False: the platform's own kernel, compiled; True: the platform's kernel emulated (the GPU one on a
+  CPU, the lighter interpreter); "gpu" / "tpu": that kernel emulated. Pallas never falls back to another impl.
+  """
+  if interpret in (None, False):
+    if platform not in ("gpu", "tpu"):
+      raise ConfigError(
+        f"fused_loss impl='pallas' has kernels for gpu and tpu, not {platform!r}: use impl='blockwise' (or 'auto'),"
+        " or interpret=True (or 'gpu'/'tpu') to emulate a kernel (slow; for tests)")
+    return platform, False
+  if interpret is True or interpret in ("gpu", "tpu"):
+    kernel = interpret if interpret is not True else ("tpu" if platform == "tpu" else "gpu")
+    if kernel == "tpu":
+      from jax.experimental.pallas import tpu as pltpu  # local: Pallas imports are heavy and backend-specific
+      return kernel, pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+    return kernel, True
+  raise ConfigError(f"fused_loss interpret must be None, False, True, 'gpu' or 'tpu', got {interpret!r}")
+
+
+def _pallas_stats_fn(platform: str, *, block_tokens, block_vocab, interpret, device_kind):
+  """token_stats through the Pallas kernel module of `platform` (or the one `interpret` emulates), its tiles
+  planned for the chip `device_kind` (Mosaic sizes them to its VMEM)."""
+  kernel, interpret_arg = _pallas_kernel(platform, interpret)
+  # local: Pallas imports are heavy and backend-specific (the Triton module is GPU-only past jax 0.11)
+  from maxlm.kernels import pallas_common
+  if kernel == "gpu":
+    from maxlm.kernels import pallas_gpu as module
+  else:
+    from maxlm.kernels import pallas_tpu as module
+
+  def stats(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, vocab_axis):
+    dtype = blockwise.compute_dtype(hidden_NxD, w_DxV)
+    hidden_NxD, w_DxV = hidden_NxD.astype(dtype), w_DxV.astype(dtype)
+    d_emb = None if cost_VxE is None else cost_VxE.shape[1]
+    blocks = module.blocks(hidden_NxD.shape, w_DxV.shape, d_emb, dtype, block_tokens, block_vocab,
+                           device_kind=device_kind)
+    cfg = pallas_common.KernelConfig(backend=kernel, ignore_index=ignore_index, vocab_axis=vocab_axis,
+                                     interpret=interpret_arg, **blocks)
+    if cost_VxE is not None:
+      cost_VxE = lax.stop_gradient(cost_VxE)
+    return module.stats(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)
+
+  return stats
 
 
 def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "auto", cost_embedding=None,
@@ -77,7 +130,8 @@ def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "a
   platforms in PALLAS_AUTO_PLATFORMS, blockwise elsewhere). Blockwise tiles follow the tile plan of the mesh's
   platform (kernels/tiling.py: cpu 1024 x 512 vocabulary-major; gpu/tpu 2048-4096 tokens x the whole local
   vocabulary, token-major); tile_plan="cpu"|"gpu"|"tpu" picks another platform's plan, and
-  block_tokens/block_vocab override its sizes (any N, V work). Pallas kernels have their own tiles.
+  block_tokens/block_vocab override its sizes (any N, V work). Pallas kernels have their own tiles (Mosaic's
+  sized to the VMEM of the mesh's TPU generation).
   The matmuls run in the promotion of hidden's and lm_head's dtypes with fp32 accumulation (EMO's similarity
   matmul too); softmax, logs and reductions run in fp32.
   mesh: a Mesh with axes ("data", "fsdp", "tensor"); with more than one device the fused impls run
@@ -114,7 +168,8 @@ def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "a
     raise ConfigError(
       f"fused_loss impl {impl!r} computes the entropy exactly; entropy_floor={floor} needs impl='reference'")
   stats_fn = _stats_fn(impl, _platform(mesh), block_tokens=block_tokens, block_vocab=block_vocab,
-                       interpret=interpret, tile_plan=tile_plan)
+                       interpret=interpret, tile_plan=tile_plan,
+                       device_kind=_device_kind(mesh) if impl == "pallas" else None)
 
   if mesh is None or mesh.size == 1:
     stats = stats_fn(hidden, lm_head, labels, cost_embedding, ignore_index, None)
@@ -141,8 +196,8 @@ def _sharded(stats_fn, mesh, hidden, lm_head, labels, cost_embedding, objective,
   def local(hidden_NxD, w_DxV, labels_N, cost_VxE):
     # Tokens are replicated over the vocabulary shards and the head over the token shards: marking
     # them varying makes autodiff psum d hidden over tensor and d lm_head over data/fsdp.
-    hidden_NxD = blockwise._varying(hidden_NxD, frozenset(vocab_axes))
-    w_DxV = blockwise._varying(w_DxV, frozenset(token_axes))
+    hidden_NxD = blockwise.mark_varying(hidden_NxD, frozenset(vocab_axes))
+    w_DxV = blockwise.mark_varying(w_DxV, frozenset(token_axes))
     stats = stats_fn(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, voc)
     return losses.combine(objective, stats, psum_axes=token_axes or None, **combine_kwargs)
 

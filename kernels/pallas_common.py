@@ -1,6 +1,7 @@
 """What the Pallas GPU and TPU fused-loss kernels share: padding to the tile plan, tile math, the custom VJP.
 
-Owns the per-tile online-softmax update and dz formula (the same algebra as blockwise) and the glue around kernels.
+Owns the per-tile online-softmax update and dz formula (the same algebra as blockwise) and the glue around kernels;
+it knows no backend (fused_loss picks the kernel module for a platform).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal
 
 from maxlm.kernels import blockwise
@@ -32,13 +32,14 @@ class KernelConfig:
   ignore_index: int
   vocab_axis: Any
   interpret: Any  # False, or the interpret flag/params pallas_call takes
+  vmem_limit_bytes: int | None = None  # Mosaic: the chip's VMEM (tiling.tpu_vmem_bytes); Triton: None
 
 
 tile_state_update = blockwise.tile_state_update
 tile_dz = blockwise.tile_dz
 
 
-def _pad_to(x, axis, multiple):
+def pad_to(x, axis, multiple):
   pad = (-x.shape[axis]) % multiple
   if not pad:
     return x
@@ -74,12 +75,12 @@ def pad_operands(cfg: KernelConfig, hidden_NxD, w_DxV, labels_N, cost_VxE) -> Pa
     # per tile): a gather inside a kernel is not portable across Triton and Mosaic. The width is padded with
     # zeros to a multiple of block_e (Triton tiles are powers of two; 768 -> 12 chunks of 64).
     ey_NxE = blockwise.label_embedding(cost_VxE, local_N, cfg.vocab_axis).astype(dtype)
-    ey_NxE = _pad_to(_pad_to(ey_NxE, 0, cfg.block_tokens), 1, cfg.block_e)
-    cost_VxE = _pad_to(_pad_to(blockwise.unit_rows(cost_VxE).astype(dtype), 0, cfg.block_vocab), 1, cfg.block_e)
+    ey_NxE = pad_to(pad_to(ey_NxE, 0, cfg.block_tokens), 1, cfg.block_e)
+    cost_VxE = pad_to(pad_to(blockwise.unit_rows(cost_VxE).astype(dtype), 0, cfg.block_vocab), 1, cfg.block_e)
   # Padding the head copies it; choose block_vocab dividing V (32000 = 250 x 128) to avoid that.
-  hidden_NxD = _pad_to(_pad_to(hidden_NxD, 0, cfg.block_tokens), 1, cfg.block_d)
-  w_DxV = _pad_to(_pad_to(w_DxV, 0, cfg.block_d), 1, cfg.block_vocab)
-  labels_Nx1 = _pad_to(local_N + 1, 0, cfg.block_tokens)[:, None] - 1
+  hidden_NxD = pad_to(pad_to(hidden_NxD, 0, cfg.block_tokens), 1, cfg.block_d)
+  w_DxV = pad_to(pad_to(w_DxV, 0, cfg.block_d), 1, cfg.block_vocab)
+  labels_Nx1 = pad_to(local_N + 1, 0, cfg.block_tokens)[:, None] - 1
   return Padded(hidden_NxD, w_DxV, labels_Nx1, ey_NxE, cost_VxE, n, v_local)
 
 
@@ -106,7 +107,7 @@ def make_stats(backend_impl: Backend):
     valid_N = labels_N != cfg.ignore_index
     coef_p, coef_y, g_h, g_emo = blockwise.backward_coefficients(cts, valid_N, mean_z_N, sum_ps_N, p_y_N)
     padded = pad_operands(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE if g_emo is not None else None)
-    col = lambda x: None if x is None else _pad_to(x, 0, cfg.block_tokens)[:, None]
+    col = lambda x: None if x is None else pad_to(x, 0, cfg.block_tokens)[:, None]
     dh_NxD, dw_DxV = backward_kernel(cfg, padded, col(lse_N), col(coef_p), col(coef_y), col(g_h), col(g_emo))
     n, d = hidden_NxD.shape
     dh_NxD = dh_NxD[:n, :d].astype(hidden_NxD.dtype)
@@ -126,53 +127,12 @@ def make_stats(backend_impl: Backend):
   return stats
 
 
-def stats_fn(platform: str, *, block_tokens=None, block_vocab=None, interpret=None):
-  """token_stats through the Pallas kernel for `platform`, or the one `interpret` emulates ("gpu"/"tpu"; True: the
-  platform's own kernel, the GPU one on a CPU).
-
-  Raises ConfigError where no kernel exists: Pallas never falls back to another implementation.
-  """
-  from maxlm.errors import ConfigError
-  if interpret in (None, False):
-    if platform not in ("gpu", "tpu"):
-      raise ConfigError(
-        f"fused_loss impl='pallas' has kernels for gpu and tpu, not {platform!r}: use impl='blockwise' (or 'auto'),"
-        " or interpret=True (or 'gpu'/'tpu') to emulate a kernel (slow; for tests)")
-    kernel, interpret_arg = platform, False
-  elif interpret is True or interpret in ("gpu", "tpu"):
-    # True emulates the kernel of the platform it runs on; on the CPU, the GPU kernel (the lighter interpreter).
-    kernel = interpret if interpret is not True else ("tpu" if platform == "tpu" else "gpu")
-    interpret_arg = True
-    if kernel == "tpu":
-      from jax.experimental.pallas import tpu as pltpu
-      interpret_arg = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
-  else:
-    raise ConfigError(f"fused_loss interpret must be None, False, True, 'gpu' or 'tpu', got {interpret!r}")
-  if kernel == "gpu":
-    from maxlm.kernels import pallas_gpu as module
-  else:
-    from maxlm.kernels import pallas_tpu as module
-
-  def stats(hidden_NxD, w_DxV, labels_N, cost_VxE, ignore_index, vocab_axis):
-    dtype = blockwise.compute_dtype(hidden_NxD, w_DxV)
-    hidden_NxD, w_DxV = hidden_NxD.astype(dtype), w_DxV.astype(dtype)
-    d_emb = None if cost_VxE is None else cost_VxE.shape[1]
-    blocks = module.blocks(hidden_NxD.shape, w_DxV.shape, d_emb, dtype, block_tokens, block_vocab)
-    cfg = KernelConfig(backend=kernel, ignore_index=ignore_index, vocab_axis=vocab_axis, interpret=interpret_arg,
-                       **blocks)
-    if cost_VxE is not None:
-      cost_VxE = lax.stop_gradient(cost_VxE)
-    return module.stats(cfg, hidden_NxD, w_DxV, labels_N, cost_VxE)
-
-  return stats
-
-
 def out_struct(shape, dtype, *like):
   """ShapeDtypeStruct for a kernel output; inside shard_map it varies over the mesh axes its inputs vary over."""
-  vma = blockwise._vma(*like)
+  vma = blockwise.varying_axes(*like)
   if not vma:
     return jax.ShapeDtypeStruct(shape, dtype)
-  aval = jax.typeof(blockwise._varying(jnp.zeros((), dtype), vma))
+  aval = jax.typeof(blockwise.mark_varying(jnp.zeros((), dtype), vma))
   if getattr(aval, "manual_axis_type", None) is not None:  # jax 0.10+
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
   return jax.ShapeDtypeStruct(shape, dtype, vma=vma)

@@ -139,8 +139,8 @@ def backward(cfg: pc.KernelConfig, padded: pc.Padded, lse, coef_p, coef_y, g_h, 
     args += [g_emo, padded.ey_NxE, padded.cost_VxE]
   acc_shapes = [pc.out_struct((n_pad, d_pad), F32, *args), pc.out_struct((d_pad, v_pad), F32, *args)]
   in_specs += [whole(s.shape) for s in acc_shapes]
-  vma = pc.blockwise._vma(*args)
-  args += [pc.blockwise._varying(jnp.zeros(s.shape, F32), vma) for s in acc_shapes]
+  vma = blockwise.varying_axes(*args)
+  args += [blockwise.mark_varying(jnp.zeros(s.shape, F32), vma) for s in acc_shapes]
   n_in = len(args)
   return pl.pallas_call(
     kernel, out_shape=acc_shapes, grid=(n_pad // bt, v_pad // bv), in_specs=in_specs,
@@ -153,8 +153,8 @@ def backward(cfg: pc.KernelConfig, padded: pc.Padded, lse, coef_p, coef_y, g_h, 
 stats = pc.make_stats((forward, backward))
 
 
-def blocks(hidden_shape, w_shape, d_emb, dtype, block_tokens=None, block_vocab=None):
+def blocks(hidden_shape, w_shape, d_emb, dtype, block_tokens=None, block_vocab=None, *, device_kind=None):
   """Block sizes for these shapes (tiling.triton_blocks: powers of two; others are refused)."""
-  del dtype  # Triton's tiles do not depend on it
+  del dtype, device_kind  # Triton's tiles depend on neither
   (n, d), v = hidden_shape, w_shape[1]
   return tiling.triton_blocks(n, d, v, d_emb, block_tokens, block_vocab)

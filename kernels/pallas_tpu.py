@@ -14,20 +14,20 @@ from maxlm.kernels import pallas_common as pc
 from maxlm.kernels import tiling
 
 F32 = jnp.float32
-# The tile plan (tiling.tpu_kernel_blocks): token blocks of 1024, vocabulary blocks of a multiple of 128
-# lanes sized to the VMEM budget, the whole contraction d in VMEM per tile.
-VMEM_LIMIT_BYTES = tiling.TPU_VMEM_LIMIT_BYTES
 
 
-def _compiler_params(semantics):
+def _compiler_params(cfg, semantics):
   from jax.experimental.pallas import tpu as pltpu
-  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=cfg.vmem_limit_bytes)
 
 
-def blocks(hidden_shape, w_shape, d_emb, dtype, block_tokens=None, block_vocab=None):
-  """Block sizes for these shapes (tiling.tpu_kernel_blocks); EMO's cost width pads to whole 128-lane vregs."""
+def blocks(hidden_shape, w_shape, d_emb, dtype, block_tokens=None, block_vocab=None, *, device_kind=None):
+  """Block sizes and VMEM limit for these shapes on the chip `device_kind` (tiling.tpu_kernel_blocks: token blocks
+  of up to 1024, vocabulary blocks of a multiple of 128 lanes, both sized to its VMEM); EMO's cost width pads to
+  whole 128-lane vregs."""
   (n, d), v = hidden_shape, w_shape[1]
-  plan = tiling.tpu_kernel_blocks(n, d, v, d_emb, jnp.dtype(dtype).itemsize, block_tokens, block_vocab)
+  plan = tiling.tpu_kernel_blocks(n, d, v, d_emb, jnp.dtype(dtype).itemsize, block_tokens, block_vocab,
+                                  device_kind=device_kind)
   return dict(plan, block_e=128)
 
 
@@ -85,8 +85,8 @@ def forward(cfg: pc.KernelConfig, padded: pc.Padded):
   out_shape = [pc.out_struct((n_pad, 1), F32, *args)] * len(pc.STATE_KEYS)
   return pl.pallas_call(
     kernel, out_shape=out_shape, grid=(n_pad // cfg.block_tokens, v_pad // cfg.block_vocab), in_specs=in_specs,
-    out_specs=[token_col] * len(pc.STATE_KEYS), interpret=cfg.interpret,
-    compiler_params=None if cfg.interpret else _compiler_params(("parallel", "arbitrary")), name="fused_loss_fwd",
+    out_specs=[token_col] * len(pc.STATE_KEYS), interpret=cfg.interpret, name="fused_loss_fwd",
+    compiler_params=None if cfg.interpret else _compiler_params(cfg, ("parallel", "arbitrary")),
   )(*args)
 
 
@@ -129,7 +129,7 @@ def backward(cfg: pc.KernelConfig, padded: pc.Padded, lse, coef_p, coef_y, g_h, 
     return pl.pallas_call(
       make_kernel(vocab_axis, accumulate), out_shape=out_shape, grid=grid,
       in_specs=in_specs, out_specs=out_spec, interpret=cfg.interpret, name=f"fused_loss_bwd_{name}",
-      compiler_params=None if cfg.interpret else _compiler_params(("parallel", "arbitrary")),
+      compiler_params=None if cfg.interpret else _compiler_params(cfg, ("parallel", "arbitrary")),
     )(*args, *token_cols)
 
   # d hidden: grid (token block, vocab block), reducing over the vocabulary (axis 1).

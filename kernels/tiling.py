@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from maxlm.errors import ConfigError
+from maxlm.core import targets
+from maxlm.core.errors import ConfigError
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 # Loop orders of the blockwise path. vocab_major: vocabulary chunks outside, token chunks inside; d lm_head is
@@ -34,14 +35,27 @@ VOCAB_ALIGN = 128  # a split vocabulary chunk stays a multiple of the MXU / tens
 TRITON_BLOCKS = dict(block_tokens=64, block_vocab=128, block_d=64, block_e=64)
 TRITON_MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 
-# Pallas Mosaic (TPU): token blocks of 1024 (few passes over the head), vocabulary blocks of a multiple of 128
-# lanes, the whole contraction d in VMEM. The vocabulary block is the largest of TPU_VOCAB_CHOICES whose
-# estimated VMEM (double-buffered blocks + tile temporaries) fits TPU_VMEM_BUDGET; only where even 128 does
-# not fit (d above ~4.6k in bf16) does the token block drop below 1024.
+# Pallas Mosaic (TPU): token blocks of up to 1024 (few passes over the head), vocabulary blocks of a multiple of 128
+# lanes, the whole contraction d in VMEM. The planner (tpu_kernel_blocks) takes the blocks that read least from HBM
+# among those whose estimated VMEM (tpu_kernel_vmem) stays under TPU_VMEM_SAFETY of the chip's VMEM.
 TPU_KERNEL_BLOCK_TOKENS = 1024
+TPU_MIN_BLOCK_TOKENS = 8  # one sublane tile
 TPU_VOCAB_CHOICES = (512, 256, 128)
-TPU_VMEM_LIMIT_BYTES = 64 * 1024 * 1024
-TPU_VMEM_BUDGET = int(0.9 * TPU_VMEM_LIMIT_BYTES)  # headroom for Mosaic's own scratch
+MIB = 1 << 20
+# VMEM per TensorCore comes from maxlm.core.targets' table of TPU generations: the limit libtpu's compiler enforces on a
+# kernel whatever vmem_limit_bytes asks for (docs/BENCHMARKS.md, "Mosaic fused loss: VMEM per TPU generation").
+# Any other kind (a newer chip, or a CPU emulating the kernel in interpret mode): the smallest, so the tiles fit.
+TPU_VMEM_UNKNOWN_BYTES = min(gen.vmem_bytes for gen in targets.TPU_GENERATIONS.values())
+# The estimate must stay under this fraction of the chip's VMEM: it bounds every measurement, with headroom for
+# shapes that were not measured.
+TPU_VMEM_SAFETY = 0.85
+# Besides its double-buffered blocks, a kernel holds fp32 (block_tokens, block_vocab) tile temporaries (logits, exp,
+# dz; EMO's similarities), a gradient kernel its fp32 matmul result before it is added to the output block, and
+# Mosaic keeps some internal scratch. Fitted as an upper bound of the VMEM libtpu's compiler needs on v4, v5e, v5p
+# and v6e (88 kernels; docs/BENCHMARKS.md); v4 and v5p need the most.
+TPU_TILE_TEMPS = 4
+TPU_TILE_TEMPS_EMO = 6
+TPU_INTERNAL_SCRATCH_BYTES = MIB // 2
 
 
 def cdiv(a: int, b: int) -> int:
@@ -176,28 +190,96 @@ def triton_blocks(n_tokens: int, d: int, vocab: int, d_emb: int | None, block_to
               block_e=fit(TRITON_BLOCKS["block_e"], d_emb or 1))
 
 
-def tpu_kernel_vmem_bytes(block_tokens: int, block_vocab: int, d: int, d_emb: int, itemsize: int) -> int:
-  """Estimated VMEM of the largest Mosaic fused-loss kernel (the d-hidden backward): double-buffered input and
-  output blocks plus ~4 fp32 (bt, bv) tile temporaries (logits, probabilities, dz, similarities)."""
-  d_pad, e_pad = round_up(d, 128), round_up(d_emb, 128) if d_emb else 0
-  inputs = (block_tokens * d_pad + d_pad * block_vocab + (block_tokens + block_vocab) * e_pad) * itemsize
-  dh_out = block_tokens * d_pad * 4
-  dw_out = d_pad * block_vocab * 4
-  return 2 * inputs + 2 * max(dh_out, dw_out) + 4 * block_tokens * block_vocab * 4
+def tpu_vmem_bytes(device_kind: str | None) -> int:
+  """VMEM per TensorCore of the chip named by jax's `device_kind` ("TPU v4", "TPU v5 lite", ...)."""
+  return targets.tpu_vmem_bytes(device_kind or "") or TPU_VMEM_UNKNOWN_BYTES
+
+
+def vmem_block_bytes(rows: int, cols: int, itemsize: int) -> int:
+  """VMEM of one (rows, cols) block: Mosaic lays it out in tiles of (8 * 4 / itemsize) sublanes x 128 lanes, so
+  a (block_tokens, 1) column takes block_tokens x 128 words."""
+  sublanes = 8 * max(1, 4 // itemsize)
+  return round_up(rows, sublanes) * round_up(cols, 128) * itemsize
+
+
+def tpu_kernel_vmem(block_tokens: int, block_vocab: int, d: int, d_emb: int | None, itemsize: int) -> dict[str, int]:
+  """Estimated VMEM of each Mosaic fused-loss kernel ("fwd", "dh", "dw", as in pallas_tpu) at these blocks.
+
+  Every input and output block twice (Pallas double-buffers them): hidden (bt, d), head (d, bv), labels (bt, 1),
+  EMO's label rows (bt, dE) and cost rows (bv, dE) in the compute dtype; the forward's five (bt, 1) fp32 state
+  columns; the backward's per-token columns (lse, coefficients, g_H, g_emo) and its fp32 gradient block, (bt, d)
+  or (d, bv). Plus the temporaries (TPU_TILE_TEMPS(_EMO) fp32 tiles, the gradient matmul's fp32 result) and
+  TPU_INTERNAL_SCRATCH_BYTES.
+  """
+  bt, bv = block_tokens, block_vocab
+  d_pad = round_up(d, 128)
+  col = vmem_block_bytes(bt, 1, 4)
+  inputs = vmem_block_bytes(bt, d_pad, itemsize) + vmem_block_bytes(d_pad, bv, itemsize) + col
+  n_bwd_cols = 4  # lse, coef_p, coef_y, g_H (an objective without an entropy term has one fewer)
+  if d_emb:
+    e_pad = round_up(d_emb, 128)
+    inputs += vmem_block_bytes(bt, e_pad, itemsize) + vmem_block_bytes(bv, e_pad, itemsize)
+    n_bwd_cols += 1  # g_emo
+  temps = (TPU_TILE_TEMPS_EMO if d_emb else TPU_TILE_TEMPS) * vmem_block_bytes(bt, bv, 4) + TPU_INTERNAL_SCRATCH_BYTES
+  dh_block, dw_block = vmem_block_bytes(bt, d_pad, 4), vmem_block_bytes(d_pad, bv, 4)
+  return {
+    "fwd": 2 * (inputs + 5 * col) + temps,
+    "dh": 2 * (inputs + n_bwd_cols * col + dh_block) + dh_block + temps,
+    "dw": 2 * (inputs + n_bwd_cols * col + dw_block) + dw_block + temps,
+  }
+
+
+def tpu_kernel_vmem_bytes(block_tokens: int, block_vocab: int, d: int, d_emb: int | None, itemsize: int) -> int:
+  """Estimated VMEM of the largest Mosaic fused-loss kernel at these blocks (tpu_kernel_vmem)."""
+  return max(tpu_kernel_vmem(block_tokens, block_vocab, d, d_emb, itemsize).values())
+
+
+def tpu_vmem_budget(device_kind: str | None) -> int:
+  """The VMEM a planned kernel may take on this chip: TPU_VMEM_SAFETY of its VMEM."""
+  return int(TPU_VMEM_SAFETY * tpu_vmem_bytes(device_kind))
+
+
+def tpu_token_choices(n_tokens: int) -> tuple[int, ...]:
+  """Token blocks the planner tries: 1024 halving to 8, none larger than N (rounded up to 8)."""
+  n_cap = round_up(n_tokens, 8)
+  choices, bt = [], TPU_KERNEL_BLOCK_TOKENS
+  while bt >= TPU_MIN_BLOCK_TOKENS:
+    choices.append(min(bt, n_cap))
+    bt //= 2
+  return tuple(dict.fromkeys(choices))
+
+
+def tpu_stream_cost(block_tokens: int, block_vocab: int) -> float:
+  """HBM reads of the Mosaic kernels at these blocks, in units of N d V x itemsize bytes: the forward and d-hidden
+  kernels read the head once per token block (2 / bt), the d-head kernel the hidden once per vocabulary block."""
+  return 2 / block_tokens + 1 / block_vocab
 
 
 def tpu_kernel_blocks(n_tokens: int, d: int, vocab: int, d_emb: int | None, itemsize: int, block_tokens=None,
-                      block_vocab=None):
-  """Blocks of the Mosaic TPU kernel: tokens a multiple of 8 (>= 1024 by default), vocabulary of 128, d whole."""
+                      block_vocab=None, *, device_kind: str | None = None):
+  """Blocks of the Mosaic TPU kernel on the chip `device_kind`, and the VMEM limit its kernels compile with.
+
+  Tokens a multiple of 8, vocabulary of 128, d whole. Of the token blocks (1024 halving to 8) x vocabulary blocks
+  (TPU_VOCAB_CHOICES) whose estimate (tpu_kernel_vmem_bytes) fits tpu_vmem_budget, the planner takes the one
+  that reads least from HBM (tpu_stream_cost; ties: the larger token block); user sizes are only aligned.
+  Raises ConfigError where even 8 x 128 blocks do not fit.
+  """
+  vmem_limit = tpu_vmem_bytes(device_kind)
+  block_d = round_up(d, 128)
   n_cap, v_cap = round_up(n_tokens, 8), round_up(vocab, 128)
   if block_tokens is not None or block_vocab is not None:  # the user's sizes, aligned to the vreg
     bt = min(round_up(block_tokens or TPU_KERNEL_BLOCK_TOKENS, 8), n_cap)
     bv = min(round_up(block_vocab or TPU_VOCAB_CHOICES[0], 128), v_cap)
-    return dict(block_tokens=bt, block_vocab=bv, block_d=round_up(d, 128))
-  bt = min(TPU_KERNEL_BLOCK_TOKENS, n_cap)
-  while True:
-    for bv in TPU_VOCAB_CHOICES:
-      bv = min(bv, v_cap)
-      if tpu_kernel_vmem_bytes(bt, bv, d, d_emb or 0, itemsize) <= TPU_VMEM_BUDGET or bt <= 8:
-        return dict(block_tokens=bt, block_vocab=bv, block_d=round_up(d, 128))
-    bt = max(8, round_up(bt // 2, 8))
+    return dict(block_tokens=bt, block_vocab=bv, block_d=block_d, vmem_limit_bytes=vmem_limit)
+  budget = tpu_vmem_budget(device_kind)
+  vocab_choices = tuple(dict.fromkeys(min(bv, v_cap) for bv in TPU_VOCAB_CHOICES))
+  fitting = [(bt, bv) for bt in tpu_token_choices(n_tokens) for bv in vocab_choices
+             if tpu_kernel_vmem_bytes(bt, bv, d, d_emb, itemsize) <= budget]
+  if not fitting:
+    bt, bv = min(TPU_MIN_BLOCK_TOKENS, n_cap), min(TPU_VOCAB_CHOICES[-1], v_cap)
+    need = tpu_kernel_vmem_bytes(bt, bv, d, d_emb, itemsize)
+    raise ConfigError(
+      f"fused_loss impl='pallas' on {device_kind or 'this TPU'}: even {bt} x {bv} tiles need ~{need / MIB:.1f} MiB "
+      f"of VMEM at d={d}, dE={d_emb}, over its {budget / MIB:.1f} MiB budget; use impl='blockwise'")
+  bt, bv = min(fitting, key=lambda blocks: (tpu_stream_cost(*blocks), -blocks[0]))
+  return dict(block_tokens=bt, block_vocab=bv, block_d=block_d, vmem_limit_bytes=vmem_limit)

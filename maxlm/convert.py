@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--adapter", action="store_true",
                  help="LoRA runs: write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
                       "instead of the merged model")
-  p = sub.add_parser("from-hf", help="Hugging Face LLaMA / OLMo directory -> maxlm checkpoint")
+  p = sub.add_parser("from-hf", help="Hugging Face directory (a family of docs/FAMILIES.md) -> maxlm checkpoint")
   p.add_argument("--model", required=True, help="local HF model directory (config.json + safetensors or .bin)")
   p.add_argument("--output", required=True, help="new run directory for the params-only checkpoint")
   p.add_argument("--config", default=None, help="preset or YAML for everything but the model (default: base)")

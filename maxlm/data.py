@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--default-domain", default="default", help="domain of records when --domain-key is not set")
   p.add_argument("--validation-fraction", type=float, default=0.0,
                  help="fraction of documents held out (by content hash) as the validation split")
-  p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+  p.add_argument("--workers", type=int, default=None, help="processes, >= 1 (default: one per core)")
   p.add_argument("--separator", default=None,
                  help="document separator token (default: the tokenizer's end-of-document token)")
   p.add_argument("--keep-parts", action="store_true", help="keep the per-file intermediate parts")
@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--skip-underived", action="store_true",
                  help="leave out sentences whose span no candidate nonterminal derives (otherwise they get the tie "
                  "label, S1 or the first candidate; the summary counts them)")
-  t.add_argument("--output", required=True, help="CSV file to write (columns text,label; plus OUTPUT.labels.json)")
+  t.add_argument("--output", required=True, help="CSV file to write, a new file (columns text,label; plus "
+                 "OUTPUT.labels.json)")
+  t.add_argument("--overwrite", action="store_true", help="replace --output if it is an earlier pcfg-tasks output")
   return parser
 
 
@@ -73,10 +75,10 @@ def main(argv=None) -> int:
       print(data_pipelines.inspect_store(args.store, sample_tokens=args.sample_tokens))
     else:
       from maxlm.data_pipelines import pcfg_tasks  # pylint: disable=import-outside-toplevel
-      pcfg_tasks.check_output(args.output)
+      pcfg_tasks.check_output(args.output, overwrite=args.overwrite)
       task = pcfg_tasks.make_task(data_pipelines.load_grammar(args.grammar), args.task, args.num, args.seed,
                                   max_words=args.max_words, skip_underived=args.skip_underived)
-      pcfg_tasks.write_task(args.output, task)
+      pcfg_tasks.write_task(args.output, task, overwrite=args.overwrite)
       print(pcfg_tasks.summarize(task, args.output), file=sys.stderr)
 
   return cli_exit_code(body)

@@ -156,6 +156,7 @@ class Generator:
 
   def __init__(self, cfg: Config, params: dict, *, mesh: Optional[jax.sharding.Mesh] = None,
                compute_dtype: Optional[str] = None, batch_size: int = 16):
+    model_lib.check_decodable(cfg.model)  # before any placement or compile: a masked LM is refused at once
     self.cfg = cfg
     self.mesh = mesh
     self.dtype = jnp.dtype(compute_dtype or cfg.model.compute_dtype)

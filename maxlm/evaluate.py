@@ -27,8 +27,9 @@ def _harness_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the export and run")
   p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
   p.add_argument("--output", default=None,
-                 help="results JSON (default: RUN_DIR/eval/harness_stepN_TASKS.json; for an HF directory "
+                 help="results JSON, a new file (default: RUN_DIR/eval/harness_stepN_TASKS.json; for an HF directory "
                       "harness_NAME_TASKS.json in the working directory)")
+  p.add_argument("--overwrite", action="store_true", help="replace --output if it is an earlier harness output")
   return p
 
 
@@ -49,8 +50,9 @@ def _loss_parser() -> argparse.ArgumentParser:
   p.add_argument("--format", default="text", choices=["text", "sft"], dest="data_format",
                  help="sft: --data is instruction data (Alpaca JSON or chat JSONL), CE on response tokens only")
   p.add_argument("--output", default=None,
-                 help="JSON path (default: RUN_DIR/eval/loss_stepN_DATA.json; for an HF directory "
+                 help="JSON path, a new file (default: RUN_DIR/eval/loss_stepN_DATA.json; for an HF directory "
                       "loss_NAME_DATA.json in the working directory)")
+  p.add_argument("--overwrite", action="store_true", help="replace --output if it is an earlier evaluate output")
   return p
 
 
@@ -69,13 +71,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _harness_parser().parse_args(argv[1:])
     run = lambda: harness(args.checkpoint, [t for t in args.tasks.split(",") if t], step=args.step,  # noqa: E731
                           num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                          device=args.device, dtype=args.dtype, include_path=args.include_path, output=args.output)
+                          device=args.device, dtype=args.dtype, include_path=args.include_path, output=args.output,
+                          overwrite=args.overwrite)
   else:
     args = _loss_parser().parse_args(argv)
     run = lambda: evaluate(args.checkpoint, args.data, step=args.step, seq_len=args.seq_len,  # noqa: E731
                            batch_size=args.batch_size, num_batches=args.num_batches,
                            compute_dtype=args.compute_dtype, text_field=args.text_field,
-                           domain_field=args.domain_field, data_format=args.data_format, output=args.output)
+                           domain_field=args.domain_field, data_format=args.data_format, output=args.output,
+                           overwrite=args.overwrite)
   return cli_exit_code(run)
 
 

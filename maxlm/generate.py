@@ -15,7 +15,11 @@ import time
 from typing import Optional
 
 from maxlm.core.errors import DataError, cli_exit_code
+from maxlm.core.outputs import check_file, write_text
+from maxlm.data_pipelines.raw_records import is_valid_unicode
 from maxlm.decoding import Sampling, check_vocabulary, completion_text, load_generator
+
+COMMAND = "maxlm.generate"
 
 
 def read_prompts(path: str) -> list:
@@ -24,7 +28,7 @@ def read_prompts(path: str) -> list:
   if not os.path.isfile(path):
     raise DataError(f"--prompts {path!r} does not exist: pass a JSONL file, one {{\"prompt\": ...}} per line")
   prompts = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first prompt
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -37,6 +41,9 @@ def read_prompts(path: str) -> list:
       ids = isinstance(text, list) and text and all(isinstance(i, int) and not isinstance(i, bool) for i in text)
       if not isinstance(text, str) and not ids:
         raise DataError(f"{path}:{n} has no string \"prompt\" (or \"text\") field and no \"ids\" list of token ids")
+      if isinstance(text, str) and not is_valid_unicode(text):
+        raise DataError(f"{path}:{n}: the prompt holds a lone surrogate (a JSON \\ud800-\\udfff escape), which no "
+                        "tokenizer can encode; fix or drop that line")
       prompts.append(text)
   if not prompts:
     raise DataError(f"{path} holds no prompts")
@@ -44,11 +51,14 @@ def read_prompts(path: str) -> list:
 
 
 def generate(checkpoint_path: str, prompts: list, *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-             output: Optional[str] = None, compute_dtype: Optional[str] = None, log=print) -> list[dict]:
+             output: Optional[str] = None, compute_dtype: Optional[str] = None, overwrite: bool = False,
+             log=print) -> list[dict]:
   """Completions of prompts (text, encoded as transformers' tokenizer(prompt) does, LLaMA's <s> included; or lists
   of token ids, used as they are): [{"prompt", "completion", "completion_ids"}] in prompt order, written as JSONL
   to `output` (or printed to stdout). compute_dtype: default the checkpoint's (a run's model.compute_dtype, an HF
-  directory's stored dtype)."""
+  directory's stored dtype). `output`: a new file, or with `overwrite` an earlier output of generate."""
+  if output:
+    output = check_file(output, COMMAND, overwrite=overwrite)
   texts = [p for p in prompts if isinstance(p, str)]
   gen, codec, pre = load_generator(checkpoint_path, compute_dtype=compute_dtype, need_tokenizer=bool(texts))
   encoded = iter(codec.encode_batch(texts) if texts else [])
@@ -62,9 +72,7 @@ def generate(checkpoint_path: str, prompts: list, *, max_new_tokens: int = 64, s
               "completion_ids": new} for p, ids, new in zip(prompts, prompt_ids, new_ids)]
   lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
   if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-      f.write(lines)
+    write_text(output, COMMAND, lines, overwrite=overwrite)
   else:
     sys.stdout.write(lines)
     sys.stdout.flush()
@@ -92,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
   p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1 = off)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--output", default=None, help="JSONL output (default: stdout)")
+  p.add_argument("--output", default=None, help="JSONL output, a new file (default: stdout)")
+  p.add_argument("--overwrite", action="store_true", help="replace --output if it is an earlier generate output")
   p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                  help="dtype of the forward pass (default: the checkpoint's, a run's model.compute_dtype or an HF "
                       "directory's stored dtype; float32 reproduces transformers' fp32 greedy output)")
@@ -109,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     sampling = Sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     generate(args.checkpoint, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, output=args.output,
-             compute_dtype=args.compute_dtype, log=lambda msg: print(msg, file=sys.stderr))
+             compute_dtype=args.compute_dtype, overwrite=args.overwrite, log=lambda msg: print(msg, file=sys.stderr))
 
   return cli_exit_code(run)
 

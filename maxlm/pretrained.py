@@ -1,6 +1,6 @@
 """Any model maxlm can read, by one spec: a run directory (its newest step), `RUN@STEP`, `RUN@all` (every kept step)
-or a Hugging Face LLaMA / OLMo v1 directory (imported in memory). Evaluation, generation, analysis and init_from load
-here; a LoRA checkpoint becomes a decoder here (its base with the adapters merged in), and nowhere else.
+or a Hugging Face directory of a supported family (imported in memory). Evaluation, generation, analysis and
+init_from load here; a LoRA checkpoint becomes a decoder here (its base with the adapters merged in), and nowhere else.
 """
 
 from __future__ import annotations
@@ -82,7 +82,11 @@ def load_params(path: str, step: Optional[int] = None, *,
                 abstract: Optional[dict] = None) -> tuple[Config, dict, dict]:
   """(config, decoder weights, frozen entries) of a maxlm checkpoint, as maxlm.checkpoint.params.load_params gives
   them, except that a LoRA checkpoint (adapters only) comes as its base's weights with the adapters merged in (its
-  config then says lora.rank = 0). `abstract`: see maxlm.checkpoint.params.load_params."""
+  config then says lora.rank = 0). `path` may name its step (RUN@STEP, as a pinned init_from or LoRA base does).
+  `abstract`: see maxlm.checkpoint.params.load_params."""
+  path, named = split_spec(path)
+  if named is not None and named != "all" and step is None:
+    step = int(named)
   with open_checkpoints(path) as ckpt:
     step = ckpt.resolve_step(step)
     cfg = ckpt.config(step)

@@ -155,7 +155,7 @@ their CE stays close to CE's."""
 CURVES = """\
 CURVES_PNG = os.path.join(FIGURES, "loss_curves.png")
 drawn = plot.plot_runs(list(RUNS.values()), CURVES_PNG, metrics=("ce", "eval/uniform_avg"), labels=list(RUNS),
-                       title=f"train and validation CE on {GRAMMAR}")
+                       title=f"train and validation CE on {GRAMMAR}", overwrite=True)
 display(Image(CURVES_PNG))
 FINAL_VALIDATION_CE = {name: drawn["eval/uniform_avg"][name][1][-1] for name in RUNS}
 for name, ce in FINAL_VALIDATION_CE.items():
@@ -183,7 +183,7 @@ KE = """\
 KE_DIR = os.path.join(RUN_ROOT, "knowledge_entropy")
 ke_results = knowledge_entropy.knowledge_entropy_series([f"{RUNS[KE_RUN]}@all"], HELD_OUT_PATH, seq_len=seq_len,
                                                         batch_size=16, progress=False)
-ke_report = knowledge_entropy.write_outputs(ke_results, "valid", KE_DIR)
+ke_report = knowledge_entropy.write_outputs(ke_results, "valid", KE_DIR, overwrite=True)  # a rerun replaces its own
 display(Image(os.path.join(KE_DIR, "knowledge_entropy.png")))
 for r in ke_results:
   print(f"{KE_RUN} step {r.step:4d}: knowledge entropy {r.knowledge_entropy:.4f}")"""
@@ -208,7 +208,7 @@ difficulty = token_difficulty.token_difficulty(list(RUNS.values()), HELD_OUT_PAT
                                                log=lambda message: None)
 with open(os.path.join(TOKENS_DIR, "token_difficulty.json"), "w") as f:
   json.dump(difficulty, f, indent=2)
-token_difficulty.plot(difficulty, os.path.join(TOKENS_DIR, "token_difficulty.png"))
+token_difficulty.plot(difficulty, os.path.join(TOKENS_DIR, "token_difficulty.png"), overwrite=True)
 display(Image(os.path.join(TOKENS_DIR, "token_difficulty.png")))
 BUCKET_CE = {}
 for name, result in zip(RUNS, difficulty["checkpoints"]):

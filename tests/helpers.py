@@ -61,7 +61,7 @@ def numpy_forward(cfg, params, tokens, segment_ids=None, coefficients=None):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
   x = p["embed"][tokens]
-  allowed = np.tril(np.ones((T, T), bool))[None]
+  allowed = (np.tril(np.ones((T, T), bool)) if cfg.causal else np.ones((T, T), bool))[None]  # causal=false: encoder
   if segment_ids is not None:
     allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
   for i in range(d.layers):
@@ -90,3 +90,56 @@ def numpy_forward(cfg, params, tokens, segment_ids=None, coefficients=None):
   x = norm(x, p.get("final_norm"))
   head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
   return x @ head
+
+
+# Tiny transformers models of each family maxlm imports (docs/FAMILIES.md); `hf_tiny(name)` builds one.
+HF_FAMILY_CONFIGS = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=384, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=64, rotary_pct=0.25, rotary_emb_base=10000)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM",
+              dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM",
+               dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64})),
+    "llama_linear": ("LlamaConfig", "LlamaForCausalLM",
+                     dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0})),
+    "llama_dynamic": ("LlamaConfig", "LlamaForCausalLM",
+                      dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                           rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
+}
+
+
+def hf_tiny(name, directory=None, seed=0):
+  """A tiny random transformers model of a family row (HF_FAMILY_CONFIGS), in eval mode, every norm scale and bias
+  perturbed (HF initialises them to 1 and 0, which would hide a missing or swapped mapping); saved to `directory`
+  when given."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  config_class, model_class, kwargs = HF_FAMILY_CONFIGS[name]
+  config = getattr(transformers, config_class)(initializer_range=0.2, pad_token_id=1, bos_token_id=None,
+                                               eos_token_id=2, **kwargs)
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_class)(config).eval()
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if p.ndim == 1:
+        if pname.endswith("bias"):
+          p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        else:
+          p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+  if directory is not None:
+    model.save_pretrained(str(directory))
+  return model

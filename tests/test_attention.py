@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from maxlm import model as model_lib
-from maxlm.errors import ConfigError
+from maxlm.core.errors import ConfigError
 from maxlm.kernels import attention as attention_lib
 
 B, T, N, K, H = 2, 256, 4, 2, 32  # GQA: query heads 0, 1 read kv head 0; 2, 3 read kv head 1
@@ -69,7 +69,7 @@ def test_segment_ids_from_mask_give_the_same_mask():
 
 
 def test_model_with_splash_matches_numpy_forward():
-  from test_model import _cfg, numpy_forward  # the decoder's independent float64 reference
+  from helpers import model_config as _cfg, numpy_forward  # the decoder's independent float64 reference
   cfg = _cfg(seq_len=128, attention="splash", max_positions=128)
   graphdef, _, _ = model_lib.abstract_model(cfg)
   params = model_lib.init_params(cfg, seed=1)
@@ -113,7 +113,7 @@ def test_splash_backend_falls_back_where_the_kernel_cannot_run():
 
 MESH_SCRIPT = textwrap.dedent("""
   import jax, jax.numpy as jnp, numpy as np
-  from maxlm import sharding
+  from maxlm.core import sharding
   from maxlm.kernels import attention as A
   assert jax.device_count() == 4
   rng = np.random.default_rng(0)
@@ -128,6 +128,7 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multidevice
 def test_splash_under_a_mesh_matches_one_device():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)

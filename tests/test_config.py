@@ -31,7 +31,8 @@ def test_presets_carry_the_mile_recipe():
 
 
 def test_overrides_are_typed_and_applied():
-  cfg = load_config("demo", ["train.steps=7", "optim.lr=1e-3", "loss.emo_clamp=null", "data.weights.ArXiv=0.5"])
+  cfg = load_config("demo", ["train.steps=7", "optim.warmup_steps=2", "optim.lr=1e-3", "loss.emo_clamp=null",
+                             "data.weights.ArXiv=0.5"])
   assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.loss.emo_clamp is None
   assert cfg.data.weights == {"ArXiv": 0.5}
 
@@ -66,7 +67,7 @@ def test_mesh_fill_and_mismatch():
 
 def test_inherit_chain_and_user_yaml(tmp_path):
   path = tmp_path / "mine.yaml"
-  path.write_text(yaml.safe_dump({"inherit": "mile_1b", "train": {"steps": 11}}))
+  path.write_text(yaml.safe_dump({"inherit": "mile_1b", "train": {"steps": 11}, "optim": {"warmup_steps": 1}}))
   cfg = load_config(str(path))
   assert cfg.model.hidden == 2048 and cfg.loss.objective == "mile" and cfg.train.steps == 11
   (tmp_path / "bad.yaml").write_text("model:\n  hiden: 3\n")
@@ -148,3 +149,11 @@ def test_the_checkout_root_does_not_shadow_installed_packages_of_the_same_name()
   out = subprocess.run([sys.executable, "-c", code, os.path.join(root, "")], cwd=root, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_gs_run_dir_is_kept_as_a_url_and_s3_is_refused_in_one_line():
+  """gs:// run directories are written through maxlm.core.files (tests/test_object_store.py), never a local folder
+  named gs:; s3:// has no lock with preconditions here and is refused."""
+  assert load_config("demo", ["run.dir=gs://bucket/run"]).run.dir == "gs://bucket/run"
+  with pytest.raises(ConfigError, match="run directories on s3:// are not supported"):
+    load_config("demo", ["run.dir=s3://bucket/run"])

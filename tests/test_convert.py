@@ -1,5 +1,6 @@
 """HF conversion: exported LLaMA checkpoints give transformers' logits, imports round-trip bit-exactly, OLMo v1
-imports match OlmoForCausalLM, and bad input fails cleanly without leaving partial outputs."""
+imports match OlmoForCausalLM, and bad input fails cleanly without leaving partial outputs (the other families:
+test_families.py)."""
 
 import json
 import os
@@ -138,9 +139,10 @@ def test_import_errors(tmp_path, exported):
     convert.from_hf(str(tmp_path / "nothing"), str(tmp_path / "out"))
   bad = tmp_path / "mistral"
   bad.mkdir()
-  (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-  with pytest.raises(ConversionError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM, "
-                                            "OlmoForCausalLM"):
+  (bad / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}))
+  with pytest.raises(ConversionError, match="'MistralForCausalLM' is not supported; supported: LlamaForCausalLM, "
+                                            "OlmoForCausalLM, Olmo2ForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, "
+                                            "GPTNeoXForCausalLM"):
     convert.from_hf(str(bad), str(tmp_path / "out"))
   # A config.json whose vocab disagrees with the weights.
   wrong = tmp_path / "wrong_vocab"
@@ -152,9 +154,9 @@ def test_import_errors(tmp_path, exported):
   with pytest.raises(ConversionError, match=r"vocab mismatch: tensor model.embed_tokens.weight has shape "
                                             r"\(384, 32\) but config.json implies \(400, 32\)"):
     convert.from_hf(str(wrong), str(tmp_path / "out"))
-  (wrong / "config.json").write_text(json.dumps(dict(hf, rope_parameters={"rope_type": "llama3",
+  (wrong / "config.json").write_text(json.dumps(dict(hf, rope_parameters={"rope_type": "yarn",
                                                                           "rope_theta": 5e5})))
-  with pytest.raises(ConversionError, match="rope scaling 'llama3' is not supported"):
+  with pytest.raises(ConversionError, match="rope scaling 'yarn' is not supported"):
     convert.from_hf(str(wrong), str(tmp_path / "out"))
   (wrong / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=3)))
   with pytest.raises(ConversionError, match="lacks 9 tensor.*model.layers.2.input_layernorm.weight"):

@@ -164,15 +164,26 @@ def test_bad_records_are_counted_per_file(corpus, store):
   assert manifest["totals"]["bad_records"]["undecodable bytes (not UTF-8)"] == 3
 
 
-def test_truncated_file_is_reported_not_fatal(corpus, tmp_path):
+@pytest.mark.parametrize("suffix", ["gz", "zst"])
+def test_a_truncated_input_file_is_an_error_naming_it(corpus, tmp_path, suffix):
+  # gzip raises at the cut; zstandard's stream reader would end quietly there (a shorter file, one "malformed JSON").
   raw = tmp_path / "raw"
   raw.mkdir()
-  blob = gzip.compress("".join(json.dumps({"text": f"al{i} al2"}) + "\n" for i in range(50)).encode())
-  (raw / "t.jsonl.gz").write_bytes(blob[:len(blob) // 2])
-  m = prepare(str(raw / "*"), corpus.word, str(tmp_path / "st"), workers=1, progress=False)
-  (reason,) = m["inputs"][0]["bad_records"]
-  assert reason.startswith("unreadable file")
-  assert m["domains"]["default"]["train"]["documents"] == m["inputs"][0]["documents"]
+  text = "".join(json.dumps({"text": f"al{i % 60} al2 " * 30}) + "\n" for i in range(3000)).encode()
+  blob = gzip.compress(text) if suffix == "gz" else zstandard.ZstdCompressor().compress(text)
+  (raw / f"t.jsonl.{suffix}").write_bytes(blob[:len(blob) // 2])
+  with pytest.raises(DataError, match=rf"input file .*t.jsonl.{suffix} is truncated or corrupt .*records were read "
+                                      r"before the damage"):
+    prepare(str(raw / "*"), corpus.word, str(tmp_path / "st"), workers=1, progress=False)
+  assert not (tmp_path / "st" / "manifest.json").exists()
+  # Whole multi-frame .zst files still read completely.
+  (raw / f"t.jsonl.{suffix}").unlink()
+  half = len(text) // 2
+  cut = text.index(b"\n", half) + 1
+  c = zstandard.ZstdCompressor()
+  (raw / "m.jsonl.zst").write_bytes(c.compress(text[:cut]) + c.compress(text[cut:]))
+  m = prepare(str(raw / "*"), corpus.word, str(tmp_path / "st2"), workers=1, progress=False)
+  assert m["inputs"][0]["documents"] == 3000 and not m["inputs"][0]["bad_records"]
 
 
 def test_prepare_resumes_after_crash_and_is_identical(corpus, store, tmp_path, monkeypatch):
@@ -339,7 +350,7 @@ def test_determinism_and_exact_resume(store):
     np.testing.assert_array_equal(got["inputs"], x["inputs"])
     np.testing.assert_array_equal(got["targets"], x["targets"])
   other = build_train_iterator(cfg, seq_len=16, batch_size=8, seed=3)
-  with pytest.raises(DataError, match="batch_size: saved 4, now 8"):
+  with pytest.raises(DataError, match="global_batch: saved 4, now 8"):
     other.set_state(state)
   for it in (a, b, c, resumed, other):
     it.close()
@@ -365,14 +376,38 @@ def test_processes_are_disjoint_and_cover_all_windows(store):
   n = (tokens.shape[0] - 1) // seq_len
   all_windows = sorted(tuple(tokens[i * seq_len:i * seq_len + seq_len + 1]) for i in range(n))
   seen = []
-  for p in range(3):
-    it = build_train_iterator(cfg, seq_len=seq_len, batch_size=1, seed=9, process_index=p, process_count=3)
+  for p in range(3):  # a global batch of 3, process p loads row p
+    it = build_train_iterator(cfg, seq_len=seq_len, batch_size=3, seed=9, rows=[p])
     local = len(range(p, n, 3))
     for _ in range(local):
       b = next(it)
       seen.append(tuple(np.append(b["inputs"][0], b["targets"][0, -1])))
     it.close()
   assert sorted(seen) == all_windows  # each window exactly once across processes
+
+
+def test_global_batches_do_not_depend_on_how_many_processes_read_them(store):
+  """Levanter's loader: row r of global batch b is element b * B + r of one global order, so 1, 2 or 4 processes
+  (each loading its block of rows, or tensor peers loading the same rows) see the same global batches, and the
+  state (the next batch index) resumes on any process count."""
+  cfg = _cfg(store)
+  with build_train_iterator(cfg, seq_len=8, batch_size=4, seed=1) as one:
+    whole = [next(one) for _ in range(3)]
+    state = json.loads(json.dumps(one.get_state()))
+    later = next(one)
+  for blocks in ([[0, 1], [2, 3]], [[0], [1], [2], [3]], [[0, 1, 2, 3], [0, 1, 2, 3]]):
+    parts = []
+    for rows in blocks:
+      with build_train_iterator(cfg, seq_len=8, batch_size=4, seed=1, rows=rows) as it:
+        parts.append([next(it) for _ in range(3)])
+        assert json.loads(json.dumps(it.get_state())) == state  # the same state on every process
+      with build_train_iterator(cfg, seq_len=8, batch_size=4, seed=1, rows=rows) as it:
+        it.set_state(state)  # a checkpoint of one process count resumed on another
+        np.testing.assert_array_equal(next(it)["inputs"], later["inputs"][list(rows)])
+    for b in range(3):
+      for rows, part in zip(blocks, parts):
+        np.testing.assert_array_equal(part[b]["inputs"], whole[b]["inputs"][list(rows)])
+        np.testing.assert_array_equal(part[b]["targets"], whole[b]["targets"][list(rows)])
 
 
 def test_document_masking_segment_ids(store):
@@ -390,9 +425,10 @@ def test_document_masking_segment_ids(store):
 
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_cover_validation_once(store, process_count):
-  seq_len, bs = 8, 3
+  seq_len, bs = 8, 6
+  per = bs // process_count
   per_process = [build_eval_batches(_cfg(store), seq_len=seq_len, batch_size=bs, num_batches=1000,
-                                    process_index=p, process_count=process_count) for p in range(process_count)]
+                                    rows=range(p * per, (p + 1) * per)) for p in range(process_count)]
   assert sorted(per_process[0]) == sorted(DOMAIN_WORDS)
   for domain in DOMAIN_WORDS:
     tokens = _read_array(store, domain, "validation")
@@ -401,9 +437,8 @@ def test_eval_batches_cover_validation_once(store, process_count):
     targets = []
     n_batches = counts.pop()
     for step in range(n_batches):
-      for r in range(bs):
-        for pp in per_process:
-          row = pp[domain][step]["targets"][r]
+      for pp in per_process:
+        for row in pp[domain][step]["targets"]:
           targets.extend(row[row != -100].tolist())
     np.testing.assert_array_equal(targets, tokens[1:])
 
@@ -419,11 +454,12 @@ def test_replay_follows_index_file(store, tmp_path):
     toks = _read_array(store, d, "train")
     flat += [toks[i * seq_len:i * seq_len + seq_len] for i in range((toks.shape[0] - 1) // seq_len)]
   cfg = _cfg(store, source="replay", index_file=str(tmp_path / "idx.npy"))
-  for p in range(2):
-    it = build_train_iterator(cfg, seq_len=seq_len, batch_size=4, seed=0, process_index=p, process_count=2)
+  for p in range(2):  # global batches of 8, process p loads rows 4p..4p+3 of each
+    it = build_train_iterator(cfg, seq_len=seq_len, batch_size=8, seed=0, rows=range(4 * p, 4 * p + 4))
     rows = [r for _ in range(5) for r in next(it)["inputs"]]
     it.close()
-    for row, g in zip(rows, order[p::2]):
+    mine = [g for i, g in enumerate(order) if 4 * p <= i % 8 < 4 * p + 4]
+    for row, g in zip(rows, mine):
       np.testing.assert_array_equal(row, flat[g])
   np.save(tmp_path / "bad.npy", np.array([sum(counts)]))
   with pytest.raises(DataError, match="another store or seq_len"):

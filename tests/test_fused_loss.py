@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from maxlm import losses
-from maxlm.errors import ConfigError
+from maxlm.core.errors import ConfigError
 from maxlm.kernels import blockwise, fused_loss, tiling
 
 N, D, V, D_EMB = 37, 16, 53, 11
@@ -488,15 +488,79 @@ def test_triton_refuses_block_sizes_that_are_no_power_of_two():
 
 
 def test_tpu_kernel_plan_takes_1024_token_blocks():
-  # At the 7B shape (d=4096, bf16) the Mosaic plan keeps 1024-token blocks and fits its VMEM budget.
-  blocks = tiling.tpu_kernel_blocks(16384, 4096, 32000, None, 2)
-  assert blocks["block_tokens"] == 1024 and blocks["block_vocab"] % 128 == 0
-  assert tiling.tpu_kernel_vmem_bytes(1024, blocks["block_vocab"], 4096, 0, 2) <= tiling.TPU_VMEM_BUDGET
+  # At the 7B shape (d=4096, bf16) the Mosaic plan keeps 1024-token blocks on a 128 MiB-VMEM chip (v5e, v6e) and
+  # fits its VMEM budget.
+  for kind in ("TPU v5 lite", "TPU v6 lite"):
+    blocks = tiling.tpu_kernel_blocks(16384, 4096, 32000, None, 2, device_kind=kind)
+    assert blocks["block_tokens"] == 1024 and blocks["block_vocab"] % 128 == 0
+    assert tiling.tpu_kernel_vmem_bytes(1024, blocks["block_vocab"], 4096, 0, 2) <= tiling.tpu_vmem_budget(kind)
   # and runs with them: 1100 tokens are two 1024-token blocks (the second mostly padding).
   inputs = make_inputs(n=1100, v=300)
   got = fused("pallas", "emo", {}, *inputs, interpret="tpu")
   assert_close(got, reference("emo", {}, *inputs), 1e-5, "tpu 1024-token blocks")
 
+
+
+# Device kinds as jax names them (v5p reports "TPU v5") and the VMEM libtpu's compiler enforces on each.
+TPU_CHIPS = {"TPU v4": 16, "TPU v5 lite": 128, "TPU v5": 64, "TPU v6 lite": 128}
+
+
+def test_tpu_vmem_table():
+  for kind, mib in TPU_CHIPS.items():
+    assert tiling.tpu_vmem_bytes(kind) == mib << 20
+  assert tiling.tpu_vmem_bytes("TPU v5p") == 64 << 20
+  # Unknown kinds (a newer chip; a CPU in interpret mode) plan for the smallest VMEM, so the tiles fit anywhere.
+  assert tiling.tpu_vmem_bytes("TPU v9 hypothetical") == tiling.tpu_vmem_bytes("cpu") == 16 << 20
+  assert tiling.tpu_vmem_budget("TPU v4") == int(tiling.TPU_VMEM_SAFETY * (16 << 20))
+
+
+@pytest.mark.parametrize("kind", list(TPU_CHIPS))
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_tpu_planner_fits_each_chip_and_covers_the_problem(kind, itemsize):
+  # The issue's shapes (d 1024 / 2048 / 4096, V=32000, 8192 tokens per chip; ce/mile, emo dE=128 and dE=d) and
+  # unaligned ones: the planner's estimate stays under the chip's budget, blocks are aligned and cover N and V.
+  shapes = [(8192, d, 32000, e) for d in (1024, 2048, 4096) for e in (None, 128, d)]
+  shapes += [(1100, 200, 1000, 768), (37, 16, 53, 11), (16384, 4096, 32000, None), (3000, 2560, 50257, 2560)]
+  for n, d, v, d_emb in shapes:
+    if itemsize == 4 and kind == "TPU v4" and d_emb == d == 4096:
+      # fp32 at d = dE = 4096: the (d, 128) head and (128, dE) cost blocks alone overflow v4; refused, not planned.
+      with pytest.raises(ConfigError, match="blockwise"):
+        tiling.tpu_kernel_blocks(n, d, v, d_emb, itemsize, device_kind=kind)
+      continue
+    blocks = tiling.tpu_kernel_blocks(n, d, v, d_emb, itemsize, device_kind=kind)
+    bt, bv = blocks["block_tokens"], blocks["block_vocab"]
+    assert tiling.tpu_kernel_vmem_bytes(bt, bv, d, d_emb, itemsize) <= tiling.tpu_vmem_budget(kind), (n, d, v, d_emb)
+    assert bt % 8 == 0 and bv % 128 == 0 and blocks["block_d"] % 128 == 0 and blocks["block_d"] >= d
+    assert bt <= tiling.round_up(n, 8) and bv <= tiling.round_up(v, 128)
+    assert tiling.cdiv(n, bt) * bt >= n and tiling.cdiv(v, bv) * bv >= v
+    assert blocks["vmem_limit_bytes"] == tiling.tpu_vmem_bytes(kind)
+
+
+def test_tpu_planner_shrinks_the_tiles_the_compiler_refused():
+  # Compiled with libtpu (docs/BENCHMARKS.md): 1024 x 512 blocks at d=1024 need 25.22 MiB in the d-hidden kernel,
+  # over v4's 16 MiB; the estimate covers that measurement, and the v4 plan is smaller.
+  assert tiling.tpu_kernel_vmem(1024, 512, 1024, None, 2)["dh"] >= 25.22 * tiling.MIB
+  v4 = tiling.tpu_kernel_blocks(8192, 1024, 32000, None, 2, device_kind="TPU v4")
+  assert v4["block_tokens"] * v4["block_vocab"] < 1024 * 512
+  v5p = tiling.tpu_kernel_blocks(8192, 4096, 32000, 4096, 2, device_kind="TPU v5")
+  assert tiling.tpu_kernel_vmem_bytes(v5p["block_tokens"], v5p["block_vocab"], 4096, 4096, 2) < 64 * tiling.MIB
+  # A head whose (d, 128) block alone overflows the chip: refused with the fix, not a compiler OOM.
+  with pytest.raises(ConfigError, match="blockwise"):
+    tiling.tpu_kernel_blocks(8192, 65536, 32000, None, 2, device_kind="TPU v4")
+
+
+def test_mosaic_fused_loss_compiles_for_a_tpu():
+  # The real XLA:TPU compiler (libtpu) on this CPU host: the planned kernel compiles for v4 at a shape whose former
+  # 1024 x 512 tiles ran out of v4's VMEM. The main environment has no libtpu: a jax[tpu] env runs this.
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed in this Python: run in a jax[tpu] env (docs/BENCHMARKS.md)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+  cmd = [sys.executable, os.path.join(root, "benchmarks", "tpu_kernel_compile.py"), "--targets", "v4", "--d", "1024",
+         "--objectives", "mile", "--tokens-per-chip", "2048", "--vocab", "4096"]
+  result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and '"compiled": true' in result.stdout, result.stdout + result.stderr[-3000:]
 
 SHARDED_SCRIPT = textwrap.dedent("""
   import jax, jax.numpy as jnp, numpy as np

@@ -336,6 +336,7 @@ print(json.dumps({"single": single, "sharded": sharded, "prefill_spec": spec(cac
 """
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path):
   """Greedy ids on a (data 2, fsdp 2, tensor 2) mesh equal one device's; the cache is batch- and kv-head-sharded."""

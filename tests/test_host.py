@@ -77,7 +77,8 @@ def test_bad_mode_names_the_fix(monkeypatch):
 
 def test_train_cli_tunes_only_as_the_process_entry():
   """`python -m maxlm.train` (argv from the command line) tunes; train.main([...]) called by a program does not."""
-  code = ("import sys; from maxlm import host, train; sys.argv = ['maxlm.train', '--config=demo', '--dry-run'];"
+  code = ("import sys; from maxlm.core import host; from maxlm import train;"
+          "sys.argv = ['maxlm.train', '--config=demo', '--dry-run'];"
           "assert train.main(['--config=demo', '--dry-run']) == 0; a = host._applied;"
           "assert train.main() == 0; print(a, host._applied)")
   env = {k: v for k, v in os.environ.items() if k not in (host.ENV, "JAX_PLATFORMS")}

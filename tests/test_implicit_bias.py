@@ -114,6 +114,7 @@ def test_hessian_trace_matches_the_exact_hessian(hessian_run, probe_kind):
   assert abs(out["trace"] - exact) < 4 * out["stderr"], (out["trace"], out["stderr"], exact)
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow
 def test_hessian_trace_sharded_over_two_devices_matches_one(hessian_run):
   root, _, data, _, _ = hessian_run
@@ -161,7 +162,7 @@ def cli_args(tool, **options):
   args = [tool]
   for key, value in options.items():
     for v in value if isinstance(value, list) else [value]:
-      args += [f"--{key.replace('_', '-')}", str(v)]
+      args += [f"--{key.replace('_', '-')}"] if v is True else [f"--{key.replace('_', '-')}", str(v)]
   return args
 
 
@@ -173,6 +174,7 @@ def test_hessian_cli_writes_json_and_rejects_bad_input(hessian_run, tmp_path, ca
   result = json.loads(out.read_text())
   assert {"trace", "stderr", "samples", "parameters"} <= set(result) and result["samples"] == 3
   assert len(result["values"]) == 3 and result["parameters"] == 600
+  good["overwrite"] = True  # the runs below replace h.json, the tool's own earlier output
   assert analyze.main(cli_args("hessian-trace", **{**good, "data": tmp_path / "missing.jsonl"})) == 2
   assert "does not exist" in capsys.readouterr().err
   assert analyze.main(cli_args("hessian-trace", **{**good, "seq_len": 99})) == 2
@@ -209,10 +211,13 @@ def narrow(tmp_path_factory):
 def test_norms_commute_with_tiling():
   x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
   scale = np.random.default_rng(1).uniform(0.5, 1.5, 8).astype(np.float32)
-  for family in ("llama", "olmo"):
+  bias = np.random.default_rng(2).normal(size=8).astype(np.float32)
+  narrow = {"attn_norm": jnp.asarray(scale), "attn_norm_bias": jnp.asarray(bias)}
+  wide = {k: jnp.tile(v, 3) for k, v in narrow.items()}
+  for family in ("llama", "olmo", "gpt2"):  # RMSNorm, non-parametric LayerNorm, LayerNorm with bias
     cfg = load_config("demo", [f"model.family={family}"]).model
-    narrow_out = np.asarray(model.norm(cfg, jnp.asarray(scale), jnp.asarray(x)))
-    wide_out = np.asarray(model.norm(cfg, jnp.tile(scale, 3), jnp.tile(x, (1, 1, 3))))
+    narrow_out = np.asarray(model.norm(cfg, narrow, "attn_norm", jnp.asarray(x)))
+    wide_out = np.asarray(model.norm(cfg, wide, "attn_norm", jnp.tile(x, (1, 1, 3))))
     np.testing.assert_allclose(wide_out, np.tile(narrow_out, (1, 1, 3)), rtol=1e-6, atol=1e-6)
 
 
@@ -358,8 +363,10 @@ def test_store_counts_count_the_train_split(tmp_path):
   counts = token_difficulty.store_counts(str(tmp_path / "store"))
   np.testing.assert_array_equal(counts[:len(expected)], expected)
   assert counts.sum() == expected.sum()
-  padded = token_difficulty.load_counts(str(tmp_path / "store"), 384)
+  padded = token_difficulty.load_counts(str(tmp_path / "store"), 384, tokenizer_vocab=375)
   assert padded.shape == (384,) and padded[375:].sum() == 0
+  with pytest.raises(DataError, match="375 entries but the model's vocabulary has 384: the counts come from another"):
+    token_difficulty.load_counts(str(tmp_path / "store"), 384)  # the tokenizer's size unknown: only the model's
 
 
 def test_token_difficulty_cli_compares_checkpoints_and_rejects_bad_counts(narrow, tmp_path, capsys):
@@ -377,10 +384,16 @@ def test_token_difficulty_cli_compares_checkpoints_and_rejects_bad_counts(narrow
     assert set(run["buckets"]) == {"frequent", "medium", "rare", "overall"}
     assert set(run["buckets"]["rare"]) == {"types", "occurrences", "ce", "ppl", "entropy"}
   assert report["checkpoints"][0]["buckets"]["overall"]["ce"] != report["checkpoints"][1]["buckets"]["overall"]["ce"]
+  good["overwrite"] = True  # the error cases below reach their own checks, past the earlier output's
+  capsys.readouterr()
+  fresh = {**good, "output": tmp_path / "td_refused"}  # refusals are checked on an output not written yet
   np.save(tmp_path / "big.npy", np.ones(500))
-  assert analyze.main(cli_args("token-difficulty", **{**good, "counts": tmp_path / "big.npy"})) == 2
+  assert analyze.main(cli_args("token-difficulty", **{**fresh, "counts": tmp_path / "big.npy"})) == 2
   assert "another tokenizer" in capsys.readouterr().err
-  assert analyze.main(cli_args("token-difficulty", **{**good, "counts": tmp_path / "nothing.npy"})) == 2
+  np.save(tmp_path / "short.npy", np.ones(200))  # another tokenizer's counts, shorter than the model's vocabulary
+  assert analyze.main(cli_args("token-difficulty", **{**fresh, "counts": tmp_path / "short.npy"})) == 2
+  assert "200 entries but the model's vocabulary has 384 and its tokenizer 375" in capsys.readouterr().err
+  assert analyze.main(cli_args("token-difficulty", **{**fresh, "counts": tmp_path / "nothing.npy"})) == 2
   assert "neither a token store" in capsys.readouterr().err
 
 
@@ -447,6 +460,7 @@ def test_probe_cli_finetune_and_bad_input(narrow, tmp_path, capsys):
   result = json.loads(out.read_text())
   assert {"accuracy", "majority_baseline", "mode", "classes"} <= set(result) and result["mode"] == "finetune"
   assert result["train_accuracy"] > 0.9, result  # fine-tuning fits the first-word rule
+  good["overwrite"] = True  # the error cases below reach their own checks, past the earlier output's
   (tmp_path / "bad.csv").write_text("sentence,label\nx,y\n")
   assert analyze.main(cli_args("probe", **{**good, "train": tmp_path / "bad.csv"})) == 2
   assert "'text' and 'label'" in capsys.readouterr().err

@@ -215,12 +215,12 @@ def test_bad_inputs_are_clear_errors(tmp_path):
   ke.knowledge_entropy_series([str(tmp_path / "run")], text_file(tmp_path / "d.jsonl"), seq_len=48, progress=False,
                               log=said.append)  # past max_positions: a warning, not an error (next test)
   assert any("past" in s and "max_positions = 32" in s and "--seq-len 32" in s for s in said), said
-  gpt2 = tmp_path / "gpt2"
-  gpt2.mkdir()
-  (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-  with pytest.raises(ConversionError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM"):
-    ke.knowledge_entropy_series([str(gpt2)], text_file(tmp_path / "d.jsonl"), seq_len=16, progress=False)
-  assert analyze.main(["knowledge-entropy", "--checkpoint", str(gpt2), "--data", str(empty), "--seq-len", "16",
+  other = tmp_path / "mistral"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}))
+  with pytest.raises(ConversionError, match="'MistralForCausalLM' is not supported; supported: LlamaForCausalLM"):
+    ke.knowledge_entropy_series([str(other)], text_file(tmp_path / "d.jsonl"), seq_len=16, progress=False)
+  assert analyze.main(["knowledge-entropy", "--checkpoint", str(other), "--data", str(empty), "--seq-len", "16",
                        "--output", str(tmp_path / "o")]) == 2
 
 

@@ -244,6 +244,7 @@ print(json.dumps({"single": l1, "sharded": l8, "param_max_abs_diff": diff, "n_sh
 """
 
 
+@pytest.mark.multidevice
 @pytest.mark.slow  # the sharded step is covered by test_sharded_training; this adds the adapter view on 8 devices
 def test_eight_devices_match_one(tmp_path):
   save_base(tmp_path / "base")

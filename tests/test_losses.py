@@ -396,6 +396,7 @@ def test_combine_is_jittable_and_shape_agnostic(cfg):
     np.testing.assert_allclose(eager[1][name], jitted[1][name], rtol=1e-6)
 
 
+@pytest.mark.multidevice
 def test_combine_psum_under_shard_map():
   """Token-sharded stats on a 4-device CPU mesh give the unsharded loss and coefficients."""
   script = textwrap.dedent("""

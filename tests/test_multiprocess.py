@@ -9,9 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
+
+
+pytestmark = pytest.mark.multidevice
 
 WORKER = r"""
 import json, sys
@@ -231,7 +235,7 @@ def _logged_steps(run_dir: str) -> list[int]:
 
 def _train_cli(run_dir: str, steps: int, name: str, *, sigterm_process_0_after: int = 0) -> list[tuple[int, str]]:
   port = str(_free_port())
-  argv = [sys.executable, "-m", "maxlm.train", "--config=demo", "--distributed", *CLI_OVERRIDES,
+  argv = [sys.executable, "-m", "maxlm.train", "--config=demo", "--distributed", "--preempt-exit-code=143", *CLI_OVERRIDES,
           f"train.steps={steps}", f"run.dir={run_dir}"]
   procs = [_spawn(argv, _slurm_env(i, port), os.path.dirname(run_dir), f"{name}{i}") for i in range(2)]
   if sigterm_process_0_after:
@@ -258,8 +262,10 @@ def cli_run(tmp_path_factory):
 def test_cli_distributed_two_processes_stop_together_on_sigterm(cli_run):
   run_dir, outs = cli_run
   for rc, out in outs:
-    assert rc == 0, f"exit {rc}\n{out[-5000:]}"
-    assert "mesh data=1 fsdp=4 tensor=1 (4 cpu devices)" in out, out[-3000:]  # one global mesh over both processes
+    assert rc == 143, f"exit {rc}\n{out[-5000:]}"  # saved after the SIGTERM; --preempt-exit-code, as launch/ sets it
+  # One global mesh over both processes, said once: process 0 prints maxlm's lines, process 1 stays quiet.
+  assert "mesh data=1 fsdp=4 tensor=1 (4 cpu devices) in 2 processes" in outs[0][1], outs[0][1][-3000:]
+  assert not [l for l in outs[1][1].splitlines() if "maxlm:" in l], outs[1][1][-3000:]
   saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
   assert len(saved) == 1 and saved[0] >= 2, saved
   assert f"preempted (SIGTERM) at step {saved[0]}" in outs[0][1], outs[0][1][-3000:]
@@ -270,13 +276,160 @@ def test_cli_distributed_two_processes_stop_together_on_sigterm(cli_run):
 def test_cli_distributed_resume(cli_run):
   from maxlm.run.trackers import read_metrics
   run_dir, first = cli_run
-  if any(rc != 0 for rc, _ in first):
+  if any(rc != 143 for rc, _ in first):
     pytest.skip("the first run failed")
   stopped = max(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
   outs = _train_cli(run_dir, stopped + 1, "resume")
   for rc, out in outs:
-    assert rc == 0, f"exit {rc}\n{out[-3000:]}"
-    assert "resumed from" in out and f"at step {stopped}" in out, out[-3000:]
+    assert rc == 0, f"exit {rc}\n{out[-3000:]}"  # ran to train.steps: no preemption, exit 0
+  assert "resumed from" in outs[0][1] and f"at step {stopped}" in outs[0][1], outs[0][1][-3000:]
   rows = [r for r in read_metrics(run_dir) if "loss" in r]
   assert [r["step"] for r in rows] == list(range(1, stopped + 2))
   assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+# ----------------------------------------------------------------------------- batches by mesh position, any host count
+
+RESIZE_STEPS, RESIZE_SAVED = 5, 3  # a run of 4 processes saves at step 3; resumes on 2 and on 1 run to step 5
+CONSTANT_LR = "optim.schedule=constant"  # the curve of a run stopped at step 3 is then a prefix of one of 5 steps
+
+
+def _cli(run_dir: str, processes: int, devices, name: str, *overrides: str,
+         only: Optional[dict] = None) -> list[tuple[subprocess.Popen, str]]:
+  """`python -m maxlm.train` as a user launches it on `processes` hosts of `devices` devices (or a list: each
+  process's count), flags given by hand; `only`: {process: [overrides of that process alone]}."""
+  port = str(_free_port())
+  procs = []
+  for i in range(processes):
+    argv = [sys.executable, "-m", "maxlm.train", "--config=demo", *CLI_OVERRIDES, CONSTANT_LR, f"run.dir={run_dir}",
+            *overrides, *(only or {}).get(i, [])]
+    if processes > 1:
+      argv[3:3] = ["--distributed", f"--coordinator-address=127.0.0.1:{port}", f"--num-processes={processes}",
+                   f"--process-id={i}"]
+    count = devices[i] if isinstance(devices, list) else devices
+    procs.append(_spawn(argv, _env(count), os.path.dirname(run_dir), f"{name}{i}"))
+  return procs
+
+
+def _finish(procs) -> list[tuple[int, str]]:
+  outs = _wait_all(procs, TIMEOUT_S)
+  _check_started(outs)
+  for rc, out in outs:
+    assert rc == 0, f"exit {rc}\n{out[-4000:]}"
+  return outs
+
+
+def _losses(run_dir: str) -> dict[int, float]:
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _close(a: dict, b: dict) -> bool:
+  return sorted(a) == sorted(b) and all(abs(a[s] - b[s]) <= 2e-5 * max(1.0, abs(a[s])) for s in a)
+
+
+@pytest.fixture(scope="module")
+def reference_and_tensor_peers(tmp_path_factory):
+  """One process (the reference curve), and tensor parallelism across 2 processes of 1 device each, side by side."""
+  root = tmp_path_factory.mktemp("peers")
+  single = _cli(str(root / "single"), 1, 1, "single", f"train.steps={RESIZE_STEPS}")
+  peers = _cli(str(root / "peers"), 2, 1, "peers", f"train.steps={RESIZE_SAVED}", "mesh.tensor=2", "mesh.fsdp=1")
+  outs = _finish(single + peers)
+  return _losses(str(root / "single")), _losses(str(root / "peers")), outs
+
+
+def test_tensor_parallel_across_processes_equals_one_process(reference_and_tensor_peers):
+  """Tensor peers on different hosts hold the same batch rows: each process loads all 8 (not 8 / 2), the step
+  runs, and the curve is the single-process one."""
+  single, peers, outs = reference_and_tensor_peers
+  assert "mesh data=1 fsdp=1 tensor=2 (2 cpu devices)" in outs[1][1], outs[1][1][-2000:]
+  assert _close(peers, {s: single[s] for s in range(1, RESIZE_SAVED + 1)}), (peers, single)
+  assert single[1] != single[RESIZE_STEPS]
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory, reference_and_tensor_peers):
+  """4 processes train to step 3 and save; the run is then resumed on 2 processes and (a copy) on 1."""
+  import shutil
+  root = tmp_path_factory.mktemp("resize")
+  four = str(root / "four")
+  _finish(_cli(four, 4, 1, "four", f"train.steps={RESIZE_SAVED}"))
+  at_four = _losses(four)
+  shutil.copytree(four, str(root / "onto1"))
+  outs = _finish(_cli(four, 2, 1, "onto2_", f"train.steps={RESIZE_STEPS}")
+                 + _cli(str(root / "onto1"), 1, 1, "onto1_", f"train.steps={RESIZE_STEPS}"))
+  return at_four, _losses(four), _losses(str(root / "onto1")), outs
+
+
+@pytest.mark.slow  # 4 + 3 processes, about 2 minutes on 2 cores
+def test_same_global_batches_on_1_2_and_4_processes_and_resume_across_counts(reference_and_tensor_peers, resized):
+  """The global batch at a step is a function of the seed and the step alone: 4 processes follow the 1-process
+  curve, and their checkpoint resumed on 2 processes and on 1 continues that curve (no flag needed)."""
+  single = reference_and_tensor_peers[0]
+  at_four, onto2, onto1, outs = resized
+  assert _close(at_four, {s: single[s] for s in range(1, RESIZE_SAVED + 1)}), (at_four, single)
+  for out in (outs[0][1], outs[2][1]):  # process 0 of the 2-process resume, and the 1-process one
+    assert "resumed from" in out and f"at step {RESIZE_SAVED}" in out, out[-3000:]
+  assert _close(onto2, single), (onto2, single)
+  assert _close(onto1, single), (onto1, single)
+
+
+# ----------------------------------------------------------------------------- one config, one stop
+
+
+def test_a_config_that_differs_between_processes_stops_all_of_them_naming_the_keys(tmp_path):
+  procs = _cli(str(tmp_path / "run"), 2, 1, "differ",
+               only={0: ["train.steps=2"], 1: ["optim.lr=0.5", "train.steps=3"]})
+  deadline = time.monotonic() + TIMEOUT_S
+  while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  outs = _wait_all(procs, 1)
+  _check_started(outs)
+  for rc, out in outs:
+    assert rc == 2, f"exit {rc}\n{out[-3000:]}"
+    assert "resolved different configs" in out and "optim.lr: 0.003 on process 0, 0.5 on process 1" in out, out[-3000:]
+    assert "train.steps" in out and "parameters on mesh" not in out  # stopped before any setup
+
+
+def test_ctrl_c_under_distributed_saves_and_exits_130_on_every_process(tmp_path):
+  run_dir = str(tmp_path / "run")
+  procs = _cli(run_dir, 2, 1, "ctrlc", "train.steps=1000")
+  deadline = time.monotonic() + TIMEOUT_S
+  while len(_logged_steps(run_dir)) < 2 and time.monotonic() < deadline and all(p.poll() is None for p, _ in procs):
+    time.sleep(0.2)
+  procs[1][0].send_signal(signal.SIGINT)  # Ctrl-C reaches one host
+  deadline = time.monotonic() + PREEMPT_TIMEOUT_S  # exit 130 is the expected end here, not a failure to cut short
+  while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  outs = _wait_all(procs, 1)
+  _check_started(outs)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+  assert len(saved) == 1 and saved[0] >= 2, saved
+  for rc, out in outs:
+    assert rc == 130, f"exit {rc}\n{out[-3000:]}"
+  assert f"preempted (SIGINT) at step {saved[0]}" in outs[0][1], outs[0][1][-2000:]
+
+
+# ----------------------------------------------------------------------------- traces per process, unequal devices
+
+
+def test_profile_steps_write_one_trace_per_process(tmp_path):
+  run_dir = tmp_path / "run"
+  _finish(_cli(str(run_dir), 2, 1, "profile", "train.steps=2", "run.profile_steps=0:1", "checkpoint.enabled=false"))
+  for i in range(2):  # two processes on one host: each its own folder (one shared path held a single trace)
+    traces = list((run_dir / "profile" / f"process_{i}").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1, sorted(str(p) for p in (run_dir / "profile").rglob("*"))
+
+
+def test_unequal_devices_per_process_is_a_clear_error_that_leaves_nothing(tmp_path):
+  run_dir = tmp_path / "run"
+  procs = _cli(str(run_dir), 2, [2, 1], "unequal", "train.steps=2")
+  deadline = time.monotonic() + TIMEOUT_S
+  while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  outs = _wait_all(procs, 1)
+  _check_started(outs)
+  for rc, out in outs:
+    assert rc == 2, f"exit {rc}\n{out[-3000:]}"
+    assert "unequal numbers of cpu devices (process 0 has 2, process 1 has 1)" in out, out[-3000:]
+  assert not run_dir.exists()  # no lock, no run.dir

@@ -10,6 +10,9 @@ import time
 import numpy as np
 import pytest
 
+
+pytestmark = pytest.mark.notebook
+
 nbformat = pytest.importorskip("nbformat", reason="needs the `notebook` extra")
 nbclient = pytest.importorskip("nbclient", reason="needs the `notebook` extra")
 

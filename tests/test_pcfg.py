@@ -257,12 +257,12 @@ def test_pcfg_processes_split_the_stream():
   seq_len, per_chunk = 64, (1 << 17) // 64
   one = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2)
   chunks = [next(one)["inputs"] for _ in range(2)]  # chunk 0 then chunk 1 of the stream
-  p0 = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2, process_index=0,
-                            process_count=2)
-  p1 = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2, process_index=1,
-                            process_count=2)
-  np.testing.assert_array_equal(next(p0)["inputs"], chunks[0])
-  np.testing.assert_array_equal(next(p1)["inputs"], chunks[1])
+  half = per_chunk // 2  # two processes, each loading its half of every global batch
+  p0 = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2, rows=range(half))
+  p1 = build_train_iterator(_cfg(), seq_len=seq_len, batch_size=per_chunk, seed=2, rows=range(half, per_chunk))
+  for chunk in chunks:
+    np.testing.assert_array_equal(next(p0)["inputs"], chunk[:half])
+    np.testing.assert_array_equal(next(p1)["inputs"], chunk[half:])
   for it in (one, p0, p1):
     it.close()
 

@@ -41,7 +41,7 @@ def test_plot_draws_every_runs_logged_values_and_the_entropy_floor(runs, tmp_pat
     xs, ys = drawn["ce"][label]
     assert xs == [r["step"] for r in records if "ce" in r] and ys == [r["ce"] for r in records if "ce" in r]
     assert drawn["eval/uniform_avg"][label][0] == [2.0, 4.0]
-  tokens = plot.plot_runs(runs, out, metrics=("loss",), x="tokens")
+  tokens = plot.plot_runs(runs, out, metrics=("loss",), x="tokens", overwrite=True)  # its own earlier plot
   assert tokens["loss"]["ce"][0] == [s * 8 * 16 for s in (1, 2, 3, 4)]
 
 
@@ -49,9 +49,12 @@ def test_plot_cli_and_its_errors(runs, tmp_path, capsys):
   out = tmp_path / "cli.png"
   assert plot.main([*runs, "--metrics", "loss,lr", "--labels", "a,b", "--output", str(out)]) == 0
   assert out.stat().st_size > 1000
-  assert plot.main([runs[0], "--metrics", "no_such_metric", "--output", str(out)]) == 2
+  assert plot.main([runs[0], "--metrics", "no_such_metric", "--output", str(tmp_path / "new.png")]) == 2
   assert "none of the runs logged no_such_metric" in capsys.readouterr().err
-  assert plot.main([str(tmp_path / "missing"), "--output", str(out)]) == 2
+  assert plot.main([str(tmp_path / "missing"), "--output", str(tmp_path / "new.png")]) == 2
+  assert plot.main([runs[0], "--output", str(out)]) == 2  # its earlier plot, replaced only when asked
+  assert "already exists" in capsys.readouterr().err
+  assert plot.main([runs[0], "--output", str(out), "--overwrite"]) == 0
   # The message names the file written: a directory gets curves.png, a name without an extension gets .png.
   capsys.readouterr()
   assert plot.main([runs[0], "--output", str(tmp_path)]) == 0

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+
+pytestmark = pytest.mark.multidevice
+
 SCRIPT = r"""
 import json, sys
 import numpy as np

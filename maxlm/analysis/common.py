@@ -21,6 +21,7 @@ from maxlm.checkpoint.spec import is_hf_dir, split_spec
 from maxlm.core import sharding
 from maxlm.core.config import IGNORE_INDEX, Config, mesh_shape
 from maxlm.core.errors import ConfigError, DataError
+from maxlm.core.outputs import atomic_file, check_file, protected, write_text
 
 
 # ----------------------------------------------------------------------------- documents
@@ -32,6 +33,41 @@ def lm_batch(ids_NxT: np.ndarray, mask_NxT: np.ndarray, ignore_index: int = IGNO
   targets = np.full(ids_NxT.shape, ignore_index, np.int32)
   targets[:, :-1] = np.where(mask_NxT[:, 1:] > 0, ids_NxT[:, 1:], ignore_index)
   return {"inputs": np.asarray(ids_NxT, np.int32), "targets": targets}
+
+
+def masking_of(cfg: Config):
+  """The masked-LM settings (data_pipelines.masking.MaskingSpec) of a bidirectional checkpoint, None for a causal
+  one; read from the run's data section (its tokenizer decides the mask id)."""
+  if cfg.model.causal:
+    return None
+  from maxlm.data_pipelines import pipeline  # pylint: disable=import-outside-toplevel
+  spec = pipeline.masking_spec(cfg.data)
+  if spec is None:
+    raise DataError("this checkpoint has bidirectional attention (model.causal=false) but its data section has no "
+                    "masked-LM settings (data.mlm=false): nothing says which token masks")
+  if spec.vocab_size > cfg.model.vocab_size:
+    raise DataError(f"the checkpoint's data section masks with token id {spec.mask_id}, outside its vocabulary of "
+                    f"{cfg.model.vocab_size}: the data section does not belong to this checkpoint")
+  return spec
+
+
+def mlm_batch(ids_NxT: np.ndarray, mask_NxT: np.ndarray, spec, keys) -> dict:
+  """A masked-LM batch of document rows (data_pipelines.masking.mask_rows, row i from SeedSequence(keys[i])): the
+  real tokens other than the separator are maskable; targets = the original token at the chosen positions; the
+  padding is its own segment, so a bidirectional model's real tokens never read it."""
+  from maxlm.data_pipelines import masking  # pylint: disable=import-outside-toplevel
+  maskable = (mask_NxT > 0) & (ids_NxT != spec.separator_id)
+  inputs, targets = masking.mask_rows(ids_NxT, maskable, keys, spec)
+  return {"inputs": inputs, "targets": targets, "segment_ids": (mask_NxT > 0).astype(np.int32)}
+
+
+def scoring_batch(cfg: Config, ids_NxT: np.ndarray, mask_NxT: np.ndarray, *, seed: int = 0, index: int = 0) -> dict:
+  """The batch a tool scores a checkpoint's loss on: next-token targets (lm_batch) for a causal model; for a masked
+  LM, mlm_batch with row j masked from (seed, index, j), so a minibatch's masks are fixed by the seed."""
+  spec = masking_of(cfg)
+  if spec is None:
+    return lm_batch(ids_NxT, mask_NxT, cfg.loss.ignore_index)
+  return mlm_batch(ids_NxT, mask_NxT, spec, [(seed, index, j) for j in range(len(ids_NxT))])
 
 
 def scored_rows(pre: pretrained.Pretrained, data: str, *, seq_len: int, max_docs: int = 0,
@@ -116,13 +152,31 @@ def load_on_mesh(spec: str, mesh_for: Callable[[Config], jax.sharding.Mesh], *, 
 # ----------------------------------------------------------------------------- outputs, one checkpoint or a series
 
 
-def write_json(path: str, obj: dict) -> None:
-  """The tools' JSON output, its directory created; a directory path is a DataError."""
-  if os.path.isdir(path):
-    raise DataError(f"--output {path} is a directory; give a JSON file name")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
+def write_json(path: str, obj: dict, command: str, *, overwrite: bool = False) -> None:
+  """The tools' JSON output, written as core.outputs writes a file: new, or with `overwrite` an earlier output of
+  `command`; never a run's file or inside its checkpoints/."""
+  write_text(path, command, json.dumps(obj, indent=2), overwrite=overwrite)
+
+
+def check_output_dir(output: str, command: str, names: tuple[str, ...], *, overwrite: bool = False) -> str:
+  """A tool's output directory, checked before the work: not a file, not inside a run's checkpoints/ or a token
+  store, and its files `names` new or (with `overwrite`) earlier outputs of `command`."""
+  output = os.path.abspath(os.path.expanduser(output))
+  if os.path.isfile(output):
+    raise DataError(f"--output {output} is a file; give a directory")
+  why = protected(output)
+  if why:
+    raise DataError(f"--output {output} refused: {why}. Nothing was written; choose a directory outside it")
+  for name in names:
+    check_file(os.path.join(output, name), command, overwrite=overwrite)
+  return output
+
+
+def savefig(fig, path: str, command: str, *, overwrite: bool = False, **kwargs) -> None:
+  """fig.savefig to `path` as core.outputs writes a file (the format from its extension)."""
+  fmt = os.path.splitext(path)[1].lstrip(".") or None
+  with atomic_file(path, command, overwrite=overwrite) as tmp:
+    fig.savefig(tmp, format=fmt, **kwargs)
 
 
 def over_checkpoints(spec: str, score: Callable[[str], dict], log=print) -> dict:
@@ -137,24 +191,28 @@ def over_checkpoints(spec: str, score: Callable[[str], dict], log=print) -> dict
   return {"checkpoint": spec, "results": results}
 
 
-def report(checkpoint: str, output: str, score: Callable[[str], dict], line: Callable[[dict], str], plot: dict
-           ) -> dict:
+def report(checkpoint: str, output: str, score: Callable[[str], dict], line: Callable[[dict], str], plot: dict,
+           *, command: str, overwrite: bool = False) -> dict:
   """A tool's CLI over one checkpoint or RUN@all: the JSON at `output`, a line per checkpoint, and for a series
-  OUTPUT.png of plot["key"] over the steps (plot: plot_over_steps' keyword arguments)."""
-  if os.path.isdir(output):
-    raise DataError(f"--output {output} is a directory; give a JSON file name")
+  OUTPUT.png of plot["key"] over the steps (plot: plot_over_steps' keyword arguments). `output` (and the PNG) must
+  be new, or with `overwrite` earlier outputs of `command`; checked before the work."""
+  png = os.path.splitext(output)[0] + ".png"
+  series = split_spec(checkpoint)[1] == "all"
+  for path in (output, png) if series else (output,):
+    check_file(path, command, overwrite=overwrite)
   out = over_checkpoints(checkpoint, score)
-  write_json(output, out)
+  write_json(output, out, command, overwrite=overwrite)
   for r in out.get("results", [out]):
     print(f"{r['checkpoint']}: {line(r)}")
   if "results" in out:
-    plot_over_steps(out["results"], path=os.path.splitext(output)[0] + ".png", **plot)
-  print(f"wrote {output}")
+    plot_over_steps(out["results"], path=png, command=command, overwrite=overwrite, **plot)
+  print(f"wrote {output}" + (f" and {png}" if "results" in out else ""))
   return out
 
 
 def plot_over_steps(results: list[dict], *, key: str, path: str, ylabel: str, err_key: Optional[str] = None,
-                    baseline_key: Optional[str] = None) -> str:
+                    baseline_key: Optional[str] = None, command: str = "maxlm.analyze", overwrite: bool = False
+                    ) -> str:
   """results[i][key] against results[i]["step"] (error bars from err_key, a dashed baseline from baseline_key)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -171,7 +229,8 @@ def plot_over_steps(results: list[dict], *, key: str, path: str, ylabel: str, er
   ax.set_title(f"{ylabel} over checkpoints", fontsize=9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  try:
+    savefig(fig, path, command, overwrite=overwrite, dpi=110)
+  finally:
+    plt.close(fig)
   return path

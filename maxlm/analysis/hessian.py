@@ -24,7 +24,8 @@ import numpy as np
 
 from maxlm import losses
 from maxlm import model as model_lib
-from maxlm.analysis.common import analysis_config, batch_mesh, lm_batch, load_on_mesh, report, scored_rows
+from maxlm.analysis.common import analysis_config, batch_mesh, lm_batch, load_on_mesh, masking_of, report
+from maxlm.analysis.common import scored_rows, scoring_batch
 from maxlm.core import sharding
 from maxlm.core.compile_cache import CompileCache
 from maxlm.core.config import Config
@@ -90,23 +91,28 @@ def hutchinson(value_fn: Callable, params, batches: Iterable, *, seed: int, prog
   return TraceEstimate(values)
 
 
-def minibatches(batch: dict, *, samples: int, batch_size: int, seed: int, put: Callable = lambda b: b):
-  """`samples` minibatches of `batch_size` rows drawn with replacement (np.random.default_rng(seed))."""
+def minibatches(batch: dict, *, samples: int, batch_size: int, seed: int, put: Callable = lambda b: b,
+                transform: Optional[Callable] = None):
+  """`samples` minibatches of `batch_size` rows drawn with replacement (np.random.default_rng(seed)); minibatch i
+  passes through transform(rows, i) when given (a masked LM's masking, fixed by the seed and i)."""
   rng = np.random.default_rng(seed)
-  n = len(batch["inputs"])
-  for _ in range(samples):
+  n = len(next(iter(batch.values())))
+  for i in range(samples):
     rows = rng.choice(n, batch_size, replace=True)
-    yield put({k: v[rows] for k, v in batch.items()})
+    chosen = {k: v[rows] for k, v in batch.items()}
+    yield put(transform(chosen, i) if transform is not None else chosen)
 
 
 # ----------------------------------------------------------------------------- model and tool
 
 
 def model_loss(cfg: Config, graphdef) -> Callable:
-  """loss(params, batch) = mean valid-token CE of fp32 logits through the reference loss (maxlm.losses)."""
+  """loss(params, batch) = mean valid-token CE of fp32 logits through the reference loss (maxlm.losses); a batch's
+  segment ids (a masked LM's: padding apart) mask attention."""
 
   def loss(params, batch):
-    logits_BxTxV = model_lib.bind(graphdef, params).logits(batch["inputs"], compute_dtype=jnp.float32)
+    logits_BxTxV = model_lib.bind(graphdef, params).logits(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"),
+                                                           compute_dtype=jnp.float32)
     return losses.cross_entropy(logits_BxTxV, batch["targets"], ignore_index=cfg.loss.ignore_index)[0]
 
   return loss
@@ -144,13 +150,18 @@ def hessian_trace(checkpoint: str, data: str, *, samples: int, batch_size: int, 
   seq_len = seq_len or cfg.train.seq_len
   rows = scored_rows(pre, data, seq_len=seq_len, max_docs=max_docs, log=log)
   value_fn = VALUE_FUNCTIONS(cfg.model, cfg.loss.ignore_index, vector_kind, mesh)
-  batches = minibatches(lm_batch(rows.ids, rows.mask, cfg.loss.ignore_index), samples=samples,
-                        batch_size=batch_size, seed=seed,
-                        put=lambda b: {k: sharding.put_batch(v, mesh) for k, v in b.items()})
+  put = lambda b: {k: sharding.put_batch(v, mesh) for k, v in b.items()}
+  if masking_of(cfg) is None:
+    batches = minibatches(lm_batch(rows.ids, rows.mask, cfg.loss.ignore_index), samples=samples,
+                          batch_size=batch_size, seed=seed, put=put)
+  else:  # a masked LM: masked-token CE, each minibatch masked from (seed, i), as IB's fixed masks per row
+    batches = minibatches({"ids": rows.ids, "mask": rows.mask}, samples=samples, batch_size=batch_size, seed=seed,
+                          put=put, transform=lambda b, i: scoring_batch(cfg, b["ids"], b["mask"], seed=seed, index=i))
   estimate = hutchinson(value_fn, pre.params, batches, seed=seed, progress=progress, total=samples)
   return {"trace": estimate.trace, "stderr": estimate.stderr, "samples": samples,
           "parameters": model_lib.param_count(model_lib.abstract_model(cfg.model)[1]), "probe": vector_kind,
           "batch_size": batch_size, "seq_len": seq_len, "seed": seed, "documents": int(len(rows.ids)),
+          "loss": "next-token CE" if cfg.model.causal else "masked-token CE",
           "checkpoint": checkpoint, "step": pre.step, "devices": int(mesh.size), "values": estimate.values}
 
 
@@ -166,10 +177,12 @@ def add_parser(subparsers) -> None:
   p.add_argument("--samples", type=int, default=100, help="Hutchinson vectors (= minibatches), default 100")
   p.add_argument("--batch-size", type=int, default=8, help="rows per minibatch, drawn with replacement")
   p.add_argument("--seq-len", type=int, default=None, help="row length (default: the run's train.seq_len)")
-  p.add_argument("--probe", default="gaussian", choices=VECTOR_KINDS, help="distribution of the Hutchinson vectors (the original code: gaussian)")
+  p.add_argument("--probe", default="gaussian", choices=VECTOR_KINDS,
+                 help="distribution of the Hutchinson vectors (the original code: gaussian)")
   p.add_argument("--seed", type=int, default=0, help="seeds the minibatch draws and the vectors")
   p.add_argument("--max-docs", type=int, default=0, help="first N documents only (0 = all)")
-  p.add_argument("--output", required=True, help="JSON file to write")
+  p.add_argument("--output", required=True, help="JSON file to write (a new file)")
+  p.add_argument("--overwrite", action="store_true", help="replace --output if it is an earlier output of this tool")
   p.set_defaults(func=_cli)
 
 
@@ -182,4 +195,5 @@ def _cli(args) -> dict:
   # The line keeps the original output's words: "N gaussian probes".
   return report(args.checkpoint, args.output, lambda spec: hessian_trace(
       spec, args.data, samples=args.samples, batch_size=args.batch_size, seq_len=args.seq_len, probe=args.probe,
-      seed=args.seed, max_docs=args.max_docs), line, dict(key="trace", ylabel="Hessian trace", err_key="stderr"))
+      seed=args.seed, max_docs=args.max_docs), line, dict(key="trace", ylabel="Hessian trace", err_key="stderr"),
+      command="maxlm.analyze hessian-trace", overwrite=args.overwrite)

@@ -2,7 +2,8 @@
 coefficient magnitudes A over a document set, their entropies, over a series of checkpoints;
 `python -m maxlm.analyze knowledge-entropy` writes JSON, .npy and PNG.
 
-A[l, i] = (sum over sequences and positions of |silu(gate) * up|_i in layer l) / number of sequences, accumulated
+A[l, i] = (sum over sequences and positions of |a|_i in layer l) / number of sequences, a the input of the layer's down
+projection (maxlm.model.mlp: silu(gate) * up for LLaMA-like families, GELU(fc_in x) for GPT-2 and GPT-NeoX), accumulated
 inside the layer scan (per-layer sums, never an (L, B, T, F) stack). Mode `valid` (default) masks pads out of
 attention and of A; mode `reference` reproduces KE: no attention mask, pad positions counted.
 """
@@ -19,11 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxlm import model_text
-from maxlm.analysis.common import load_on_mesh
+from maxlm.analysis.common import check_output_dir, load_on_mesh, savefig, write_json
+from maxlm.core.outputs import atomic_file
 from maxlm.core import sharding
 from maxlm.core.compile_cache import CompileCache
 from maxlm.core.errors import DataError, cli_description
 
+COMMAND = "maxlm.analyze knowledge-entropy"
+OUTPUT_FILES = ("knowledge_entropy.json", "knowledge_entropy.png")
 MODES = ("valid", "reference")
 ENTROPY_EPS = 1e-9  # KE's turn_into_entropy: log(p + 1e-9)
 
@@ -33,7 +37,8 @@ ENTROPY_EPS = 1e-9  # KE's turn_into_entropy: log(p + 1e-9)
 
 def ffn_coefficient_sums(cfg, graphdef, params: dict, ids_BxT: jax.Array, mask_BxT: jax.Array, mode: str, *,
                          real_rows_B: Optional[jax.Array] = None) -> jax.Array:
-  """(L, F) fp32: per layer, the sum over the batch's counted tokens of |a|, a = silu(gate(x)) * up(x).
+  """(L, F) fp32: per layer, the sum over the batch's counted tokens of |a|, a the down projection's input
+  (silu(gate(x)) * up(x), or GELU(up(x)) for GPT-2 / GPT-NeoX).
 
   `mask_BxT` is 1 on real tokens. `valid`: pads cannot be attended to (segment ids) and are not counted.
   `reference`: no attention mask and every position counted, pads included (KE). `real_rows_B` (default all 1)
@@ -190,23 +195,25 @@ def _coefficients_name(index: int, result: Result) -> str:
   return f"coefficients_{index:03d}_{label}{step}.npy"
 
 
-def write_outputs(results: list[Result], mode: str, output: str) -> dict:
-  """DIR/knowledge_entropy.json, one (L, F) float32 .npy per checkpoint, DIR/knowledge_entropy.png."""
-  os.makedirs(output, exist_ok=True)
+def write_outputs(results: list[Result], mode: str, output: str, *, overwrite: bool = False) -> dict:
+  """DIR/knowledge_entropy.json, one (L, F) float32 .npy per checkpoint, DIR/knowledge_entropy.png: new files, or
+  with `overwrite` earlier outputs of knowledge-entropy (all checked before the first is written)."""
+  names = [_coefficients_name(i, r) for i, r in enumerate(results)]
+  output = check_output_dir(output, COMMAND, (*OUTPUT_FILES, *names), overwrite=overwrite)
   entries = []
-  for i, r in enumerate(results):
-    name = _coefficients_name(i, r)
-    np.save(os.path.join(output, name), r.coefficients.astype(np.float32))
+  for name, r in zip(names, results):
+    with atomic_file(os.path.join(output, name), COMMAND, overwrite=overwrite) as tmp:
+      with open(tmp, "wb") as f:
+        np.save(f, r.coefficients.astype(np.float32))
     entries.append({"checkpoint": r.checkpoint, "step": r.step, "knowledge_entropy": r.knowledge_entropy,
                     "per_layer": [float(h) for h in r.per_layer], "coefficients": name})
   report = {"mode": mode, "results": entries}
-  with open(os.path.join(output, "knowledge_entropy.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  plot(results, os.path.join(output, "knowledge_entropy.png"))
+  write_json(os.path.join(output, "knowledge_entropy.json"), report, COMMAND, overwrite=overwrite)
+  plot(results, os.path.join(output, "knowledge_entropy.png"), overwrite=overwrite)
   return report
 
 
-def plot(results: list[Result], path: str) -> None:
+def plot(results: list[Result], path: str, *, overwrite: bool = False) -> None:
   """KE against step over the series (checkpoint index where steps are unknown); per-layer H of the last one."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -229,18 +236,21 @@ def plot(results: list[Result], path: str) -> None:
   right.set_title(f"per-layer entropy: {last.checkpoint}", fontsize=8)
   right.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  try:
+    savefig(fig, path, COMMAND, overwrite=overwrite, dpi=110)
+  finally:
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def _cli(args) -> None:
+  check_output_dir(args.output, COMMAND, OUTPUT_FILES, overwrite=args.overwrite)  # before the work
   results = knowledge_entropy_series(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                                      max_docs=args.max_docs, mode=args.mode)
   if jax.process_index() == 0:  # every process computed the same replicated A
-    write_outputs(results, args.mode, args.output)
+    write_outputs(results, args.mode, args.output, overwrite=args.overwrite)
   for r in results:
     print(f"{r.checkpoint}: knowledge entropy {r.knowledge_entropy:.6f} (step {r.step})")
   print(f"wrote {os.path.join(args.output, 'knowledge_entropy.json')}")
@@ -250,7 +260,7 @@ def add_parser(subparsers) -> None:
   p = subparsers.add_parser("knowledge-entropy", help="knowledge entropy of FFN coefficients over checkpoints (KE)",
                             description=cli_description(__doc__))
   p.add_argument("--checkpoint", action="append", required=True,
-                 help="run dir (latest step), RUN@STEP, RUN@all or an HF LLaMA/OLMo directory; repeatable")
+                 help="run dir (latest step), RUN@STEP, RUN@all or an HF model directory; repeatable")
   p.add_argument("--data", required=True, help="JSONL with 'text' or 'ids', or plain text with one document a line")
   p.add_argument("--seq-len", type=int, default=2048, help="each document truncated or right-padded to this")
   p.add_argument("--batch-size", type=int, default=8, help="documents per batch (rounded up to the device count)")
@@ -258,4 +268,6 @@ def add_parser(subparsers) -> None:
   p.add_argument("--mode", choices=MODES, default="valid",
                  help="valid: pads masked out of attention and A; reference: as KE, no mask, pads counted")
   p.add_argument("--output", required=True, help="directory for knowledge_entropy.json, .npy and .png")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace those files if they are earlier outputs of knowledge-entropy")
   p.set_defaults(func=_cli)

@@ -10,6 +10,8 @@ linear: features = the final hidden states (after the final norm) of all positio
   trained by Adam, full-batch (--batch-size 0) or shuffled minibatches; zero init, so the result is deterministic.
 finetune: a head (hidden, classes) on the hidden state of each row's last real token (a causal model has read the
   whole text there, as LlamaForSequenceClassification pools), trained together with every model weight by AdamW.
+A bidirectional checkpoint (a masked LM, model.causal=false) is read as an encoder: every position sees the whole
+  text, and the padding is a segment of its own, so it changes no real token's state.
 majority_baseline: the share of validation rows whose label is the most frequent training label.
 """
 
@@ -42,7 +44,7 @@ def read_task(path: str) -> tuple[list[str], list[str]]:
   """(texts, labels) of a CSV with `text` and `label` columns (pcfg-tasks' format)."""
   if not os.path.isfile(path):
     raise DataError(f"task file {path!r} does not exist; write one with `python -m maxlm.data pcfg-tasks`")
-  with open(path, newline="", encoding="utf-8") as f:
+  with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM would rename the first column
     reader = csv.DictReader(f)
     missing = {"text", "label"} - set(reader.fieldnames or ())
     if missing:
@@ -82,10 +84,13 @@ def majority_baseline(train_labels: np.ndarray, val_labels: np.ndarray) -> float
 def hidden_features(cfg, params: dict, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """(N, T * hidden) fp32: final hidden states of all positions, pads zeroed, concatenated in position order."""
   graphdef = model_lib.abstract_model(cfg.model)[0]
+  bidirectional = not cfg.model.causal
 
   @jax.jit
   def forward(params, tokens, mask):
-    hidden = model_lib.bind(graphdef, params)(tokens, compute_dtype=jnp.float32)
+    # A bidirectional encoder's real tokens would read the padding after them: it is its own segment.
+    segments = mask.astype(jnp.int32) if bidirectional else None
+    hidden = model_lib.bind(graphdef, params)(tokens, segment_ids_BxT=segments, compute_dtype=jnp.float32)
     return (hidden * mask[..., None]).reshape(tokens.shape[0], -1)
 
   out = []
@@ -155,17 +160,21 @@ def predict_linear(params: dict, x: np.ndarray) -> np.ndarray:
 
 
 def finetune(cfg, params: dict, data: dict, classes: int, *, steps: int = 300, lr: float = 1e-4,
-             weight_decay: float = 0.0, batch_size: int = 32, seed: int = 0):
+             weight_decay: float = 0.0, batch_size: int = 32, seed: int = 0, progress: bool = True):
   """(trained {"model", "head"}, predict(ids, mask) -> labels): every weight plus a classification head on the last
-  real token's hidden state, AdamW on the mean CE."""
+  real token's hidden state, AdamW on the mean CE; a progress bar on stderr over the steps unless `progress` is
+  False."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   graphdef = model_lib.abstract_model(cfg.model)[0]
   hidden = cfg.model.hidden
   head = jax.random.normal(jax.random.key(seed), (hidden, classes), jnp.float32) * hidden ** -0.5
   state = {"model": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params), "head": head}
   tx = optax.adamw(lr, weight_decay=weight_decay)
 
+  segments = (lambda mask: mask.astype(jnp.int32)) if not cfg.model.causal else (lambda mask: None)
+
   def logits_fn(p, tokens, mask):
-    h = model_lib.bind(graphdef, p["model"])(tokens, compute_dtype=jnp.float32)
+    h = model_lib.bind(graphdef, p["model"])(tokens, segment_ids_BxT=segments(mask), compute_dtype=jnp.float32)
     last = jnp.maximum(mask.sum(1) - 1, 0)
     return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0] @ p["head"]
 
@@ -181,8 +190,11 @@ def finetune(cfg, params: dict, data: dict, classes: int, *, steps: int = 300, l
   opt = tx.init(state)
   ids, mask, labels = data["ids"], data["mask"], data["labels"]
   index = np.arange(len(labels))
-  for rows, _ in _batches(index, index, steps=steps, batch_size=batch_size, seed=seed):
-    state, opt = step(state, opt, ids[rows], mask[rows], labels[rows])
+  with tqdm(total=steps, desc="finetune probe", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+    for rows, _ in _batches(index, index, steps=steps, batch_size=batch_size, seed=seed):
+      state, opt = step(state, opt, ids[rows], mask[rows], labels[rows])
+      jax.block_until_ready(opt)  # the bar counts finished steps, not dispatched ones
+      bar.update(1)
   logits_jit = jax.jit(logits_fn)
 
   def predict(ids, mask):
@@ -244,7 +256,8 @@ def probe(checkpoint: str, train: str, validation: str, *, mode: str = "linear",
 
 
 def add_parser(subparsers) -> None:
-  p = subparsers.add_parser("probe", help="linear probe or fine-tuning accuracy on a CSV text,label task (implicit bias)",
+  p = subparsers.add_parser("probe", help="linear probe or fine-tuning accuracy on a CSV text,label task "
+                                          "(implicit bias)",
                             description=cli_description(__doc__))
   p.add_argument("--checkpoint", required=True,
                  help="run dir, RUN@STEP, RUN@all (every kept step: JSON {results: [...]} and OUTPUT.png of the "
@@ -258,7 +271,8 @@ def add_parser(subparsers) -> None:
   p.add_argument("--weight-decay", type=float, default=None, help="linear: L2 penalty 1e-3; finetune: AdamW 0")
   p.add_argument("--batch-size", type=int, default=None, help="rows per step (linear 0 = full batch, finetune 32)")
   p.add_argument("--seed", type=int, default=0, help="seeds minibatch order and the fine-tuning head")
-  p.add_argument("--output", required=True, help="JSON file to write")
+  p.add_argument("--output", required=True, help="JSON file to write (a new file)")
+  p.add_argument("--overwrite", action="store_true", help="replace --output if it is an earlier output of this tool")
   p.set_defaults(func=_cli)
 
 
@@ -268,4 +282,5 @@ def _cli(args) -> dict:
       weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed),
       lambda r: (f"{r['mode']} probe: validation accuracy {r['accuracy']:.4f} (majority baseline "
                  f"{r['majority_baseline']:.4f}, {r['classes']} classes, train accuracy {r['train_accuracy']:.4f})"),
-      dict(key="accuracy", ylabel="validation accuracy", baseline_key="majority_baseline"))
+      dict(key="accuracy", ylabel="validation accuracy", baseline_key="majority_baseline"),
+      command="maxlm.analyze probe", overwrite=args.overwrite)

@@ -3,7 +3,8 @@ a checkpoint barely uses, into a new params-only checkpoint that `checkpoint.ini
 optimizer).
 
 Per layer l: thr = quantile(A_l, p) (linear interpolation); units with A_l,i <= thr (ties included) get their UP
-projection output column multiplied by u_i = q * mean(A_l) / A_l,i (mean over all m units); nothing else changes.
+projection output column (and its bias, in families with one: GELU's whole pre-activation) multiplied by
+u_i = q * mean(A_l) / A_l,i (mean over all m units); nothing else changes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def resuscitate_params(model_cfg, params: dict, coefficients_LxF: np.ndarray, ra
   up_LxDxF = np.asarray(params["layers"]["up_proj"])
   scaled = (up_LxDxF.astype(np.float64) * scales[:, None, :]).astype(up_LxDxF.dtype)
   layers = dict(params["layers"], up_proj=scaled)
+  if "up_bias" in layers:  # GPT-2 / GPT-NeoX: the unit's whole pre-activation (fc_in x + b) is scaled
+    bias_LxF = np.asarray(layers["up_bias"])
+    layers["up_bias"] = (bias_LxF.astype(np.float64) * scales).astype(bias_LxF.dtype)
   return dict(params, layers=layers), selected
 
 
@@ -112,7 +116,7 @@ def _cli(args) -> None:
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("resuscitate", help="scale up rarely used FFN units into a new checkpoint (KE)",
                             description=cli_description(__doc__))
-  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF LLaMA/OLMo directory")
+  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model directory")
   p.add_argument("--coefficients", required=True, help="(layers, ffn) .npy from `knowledge-entropy` for that model")
   p.add_argument("--ratio", type=float, required=True, help="p: share of units per layer to resuscitate, in (0, 1)")
   p.add_argument("--factor", type=float, required=True, help="q: selected units get q * mean(A_l) / A_l,i")

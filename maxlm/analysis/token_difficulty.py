@@ -18,11 +18,13 @@ from typing import Optional
 import numpy as np
 
 from maxlm import pretrained
-from maxlm.analysis.common import analysis_config, lm_batch, load_on_mesh, scored_rows, write_json
+from maxlm.analysis.common import analysis_config, check_output_dir, load_on_mesh, savefig, scoring_batch
+from maxlm.analysis.common import scored_rows, write_json
 from maxlm.core import sharding
 from maxlm.core.compile_cache import CompileCache
 from maxlm.core.errors import DataError, cli_description
 
+COMMAND = "maxlm.analyze token-difficulty"
 BUCKETS = (("frequent", 0.80), ("medium", 0.95), ("rare", 1.0))
 COUNT_CHUNK = 1 << 22  # tokens read from a store per request
 
@@ -43,9 +45,10 @@ def store_counts(path: str, split: str = "train") -> np.ndarray:
   return counts
 
 
-def load_counts(spec: str, vocab_size: int) -> np.ndarray:
+def load_counts(spec: str, vocab_size: int, tokenizer_vocab: Optional[int] = None) -> np.ndarray:
   """Training counts from a store directory (its train split) or a (vocab,) .npy array, padded with zeros to the
-  model's vocabulary (ids a store never saw are unseen types)."""
+  model's vocabulary (ids a store never saw are unseen types). Their length must be the model's vocabulary or its
+  tokenizer's (`tokenizer_vocab`, when known): counts of any other length come from another tokenizer."""
   if os.path.isdir(spec):
     counts = store_counts(spec)
   elif spec.endswith(".npy") and os.path.isfile(spec):
@@ -61,9 +64,12 @@ def load_counts(spec: str, vocab_size: int) -> np.ndarray:
                     f"{counts.shape}")
   if np.any(counts < 0) or not np.all(np.isfinite(counts)):
     raise DataError(f"--counts {spec} holds negative or non-finite counts")
-  if len(counts) > vocab_size:
-    raise DataError(f"--counts {spec} has {len(counts)} entries but the model's vocabulary has {vocab_size}: the "
-                    "counts come from another tokenizer")
+  allowed = sorted({vocab_size} | ({tokenizer_vocab} if tokenizer_vocab else set()))
+  if len(counts) not in allowed:
+    tok = f" and its tokenizer {tokenizer_vocab}" if tokenizer_vocab and tokenizer_vocab != vocab_size else ""
+    raise DataError(f"--counts {spec} has {len(counts)} entries but the model's vocabulary has {vocab_size}{tok}: "
+                    "the counts come from another tokenizer; count the checkpoint's own training data (its token "
+                    "store directory, or a .npy of one count per token id)")
   if counts.sum() <= 0:
     raise DataError(f"--counts {spec} holds no occurrences")
   return np.concatenate([counts.astype(np.float64), np.zeros(vocab_size - len(counts))])
@@ -93,6 +99,8 @@ def token_stats(pre: pretrained.Pretrained, batch: dict, *, batch_size: int = 16
   for start in range(0, n, batch_size):
     part = {"inputs": _padded(batch["inputs"][start:start + batch_size], batch_size, 0),
             "targets": _padded(batch["targets"][start:start + batch_size], batch_size, cfg.loss.ignore_index)}
+    if "segment_ids" in batch:  # a masked LM's rows: padding is its own segment
+      part["segment_ids"] = _padded(batch["segment_ids"][start:start + batch_size], batch_size, 0)
     stats = jax.device_get(step(pre.params, part))
     valid = stats["mask"] > 0
     ce.append(stats["ce"][valid])
@@ -150,7 +158,7 @@ def token_difficulty(checkpoints: list[str], data: str, counts: str, *, seq_len:
     pre, _ = load_on_mesh(spec, lambda cfg: sharding.single_device_mesh(), dtype=np.float32)
     if vocab is None:
       vocab = pre.cfg.model.vocab_size
-      train_counts = load_counts(counts, vocab)
+      train_counts = load_counts(counts, vocab, _tokenizer_vocab(pre.cfg))
       bucket = bucket_of_types(train_counts)
       out["train_occurrences"] = {name: float(train_counts[bucket == i].sum()) for i, (name, _) in
                                   enumerate(BUCKETS)}
@@ -159,16 +167,30 @@ def token_difficulty(checkpoints: list[str], data: str, counts: str, *, seq_len:
                       "checkpoints of one tokenizer")
     length = seq_len or pre.cfg.train.seq_len
     rows = scored_rows(pre, data, seq_len=length, max_docs=max_docs, log=log)
-    stats = token_stats(pre, lm_batch(rows.ids, rows.mask, pre.cfg.loss.ignore_index), batch_size=batch_size)
+    # A masked LM is scored on masked-token CE, the masks fixed (seed 0): the occurrences are the masked targets.
+    stats = token_stats(pre, scoring_batch(pre.cfg, rows.ids, rows.mask), batch_size=batch_size)
     out["checkpoints"].append({"checkpoint": spec, "step": pre.step, "seq_len": length,
                                "buckets": bucket_report(stats, bucket)})
   return out
 
 
+def _tokenizer_vocab(cfg) -> Optional[int]:
+  """How many ids the checkpoint's tokenizer has (a PCFG's words, a tokenizer file's), or None when unknown."""
+  from maxlm.data_pipelines.text_tokenizer import tokenizer_vocab_size  # pylint: disable=import-outside-toplevel
+  from maxlm.data_pipelines.tokenization import run_tokenizer  # pylint: disable=import-outside-toplevel
+  kind, what = run_tokenizer(cfg.data)
+  try:
+    if kind == "pcfg":
+      return what.vocab_size
+    return tokenizer_vocab_size(what) if kind == "file" else None
+  except DataError:
+    return None
+
+
 # ----------------------------------------------------------------------------- plot and CLI
 
 
-def plot(report: dict, path: str) -> None:
+def plot(report: dict, path: str, *, overwrite: bool = False) -> None:
   """Grouped bars: per bucket (and overall), one bar per checkpoint; CE on the left, entropy on the right."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -186,8 +208,10 @@ def plot(report: dict, path: str) -> None:
   axes[0].legend(fontsize="small")
   fig.suptitle("token difficulty by training frequency (frequent 80% / medium 15% / rare 5% of occurrences)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  try:
+    savefig(fig, path, COMMAND, overwrite=overwrite, dpi=120)
+  finally:
+    plt.close(fig)
 
 
 def _short(run: dict) -> str:
@@ -208,17 +232,18 @@ def add_parser(subparsers) -> None:
   p.add_argument("--max-docs", type=int, default=0, help="first N documents only (0 = all)")
   p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
   p.add_argument("--output", required=True, help="directory for token_difficulty.json and token_difficulty.png")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace those two files if they are an earlier output of token-difficulty")
   p.set_defaults(func=_cli)
 
 
 def _cli(args) -> dict:
-  if os.path.isfile(args.output):
-    raise DataError(f"--output {args.output} is a file; give a directory")
+  output = check_output_dir(args.output, COMMAND, ("token_difficulty.json", "token_difficulty.png"),
+                            overwrite=args.overwrite)
   report = token_difficulty(args.checkpoint, args.data, args.counts, seq_len=args.seq_len, max_docs=args.max_docs,
                             batch_size=args.batch_size)
-  os.makedirs(args.output, exist_ok=True)
-  write_json(os.path.join(args.output, "token_difficulty.json"), report)
-  plot(report, os.path.join(args.output, "token_difficulty.png"))
+  write_json(os.path.join(output, "token_difficulty.json"), report, COMMAND, overwrite=args.overwrite)
+  plot(report, os.path.join(output, "token_difficulty.png"), overwrite=args.overwrite)
   for run in report["checkpoints"]:
     cells = "  ".join(f"{n} {b['ce']:.3f}" if b["ce"] is not None else f"{n} -" for n, b in run["buckets"].items())
     print(f"{_short(run)}: CE {cells}")

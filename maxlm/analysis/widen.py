@@ -1,15 +1,19 @@
-"""Widening (Liuhong99/implicitbiasmlmcode enlarge.py, rewritten for LLaMA / OLMo v1; docs/IMPLICIT_BIAS.md): embed a
+"""Widening (Liuhong99/implicitbiasmlmcode enlarge.py, rewritten for every family of maxlm.core.families;
+docs/IMPLICIT_BIAS.md): embed a
 model in one K times wider (and optionally deeper) that computes the same function, written as a derived checkpoint
 that to-hf, evaluate and init_from accept.
 
 The construction keeps every activation of the wide model a K-fold tiling of the narrow one's, [x, x, ..., x]:
   hidden, heads, kv_heads, ffn times K, head_dim unchanged: wide head k*N + n is a copy of head n and reads kv head
-    k*KV + n // (N / KV), a copy of its kv head, so RoPE, the 1/sqrt(head_dim) scale and GQA groups line up;
-  embedding (untied) and norm scales tiled: RMSNorm's mean of squares (LayerNorm's mean and variance) of a tiled
-    vector are those of the vector, so the norms commute with tiling, eps included;
+    k*KV + n // (N / KV), a copy of its kv head, so RoPE (scaled or partial), the 1/sqrt(head_dim) scale and GQA
+    groups line up;
+  embedding (untied), learned position table, norm scales and biases, and projection biases tiled: RMSNorm's mean of
+    squares (LayerNorm's mean and variance) of a tiled vector are those of the vector, so every family's norms (pre,
+    post, OLMo-2's QK-norm over the whole q and k) commute with tiling, eps included; a bias is added after the
+    K equal input blocks have summed back, so it is tiled, not divided;
   every projection tiled K x K along (in, out) and divided by K along its input: K equal input blocks sum back;
   the output head repeated along its input and divided by K; extra layers (a deeper target) all zero, which in a
-    pre-norm residual block adds exactly nothing (its attention and MLP outputs are 0).
+    residual block adds exactly nothing (pre-, post-norm or parallel: its norms, biases and outputs are 0).
 A tied embedding would need to be tiled as the input and tiled / K as the head at once, which no single matrix is:
 widen refuses it, and --untie first unties the head (lm_head = embed^T, the same function) and widens exactly.
 """
@@ -31,7 +35,6 @@ from maxlm.core.errors import ConversionError, cli_description
 from maxlm.core.outputs import DERIVED_RUN, atomic_output
 
 LAYER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LAYER_NORMS = ("attn_norm", "mlp_norm")
 
 
 def widened_config(cfg: Config, factor: int, layers: Optional[int] = None, untie: bool = False) -> Config:
@@ -64,19 +67,22 @@ def widen_params(cfg: Config, params: dict, factor: int, layers: Optional[int] =
   out = {"embed": np.tile(_np(params["embed"]), (1, k))}
   head = _np(params["embed"]).T if cfg.model.tie_embeddings else _np(params["lm_head"])
   out["lm_head"] = np.tile(head, (k, 1)) / k
-  if "final_norm" in params:
-    out["final_norm"] = np.tile(_np(params["final_norm"]), k)
+  for name in ("final_norm", "final_norm_bias"):
+    if name in params:
+      out[name] = np.tile(_np(params[name]), k)
+  if "positions" in params:  # a learned position table adds to the embedding: tiled like it
+    out["positions"] = np.tile(_np(params["positions"]), (1, k))
   extra = (layers or cfg.model.layers) - cfg.model.layers
   stacked = {}
   for name, w in params["layers"].items():
     w = _np(w)
     if name in LAYER_PROJECTIONS:
       wide = np.tile(w, (1, k, k)) / k
-    elif name in LAYER_NORMS:
+    elif w.ndim == 2:  # norm scales and biases, the QK-norm scales: vectors along a tiled dimension
       wide = np.tile(w, (1, k))
     else:
-      raise ConversionError(f"widen does not know the layer weight {name!r}: it widens LLaMA / OLMo v1 blocks "
-                            f"({', '.join(LAYER_PROJECTIONS + LAYER_NORMS)})")
+      raise ConversionError(f"widen does not know the layer weight {name!r} {w.shape[1:]}: it widens projections "
+                            f"({', '.join(LAYER_PROJECTIONS)}) and per-layer vectors (norms, biases)")
     stacked[name] = np.concatenate([wide, np.zeros((extra,) + wide.shape[1:], wide.dtype)]) if extra else wide
   out["layers"] = stacked
   return out
@@ -101,8 +107,6 @@ def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[in
   """Writes the wide model of a checkpoint (run dir, RUN@STEP or HF dir) as a params-only checkpoint at step 0
   under `output` (maxlm_derived.json records the source); returns its config."""
   pre = pretrained.load(checkpoint_path)
-  if pre.cfg.model.family not in ("llama", "olmo"):
-    raise ConversionError(f"widen supports LLaMA and OLMo v1 models, not {pre.cfg.model.family!r}")
   cfg = widened_config(pre.cfg, factor, layers, untie)
   params = widen_params(pre.cfg, pre.params, factor, layers)
   extras = widen_extras(pre.cfg, pre.frozen, factor)
@@ -125,7 +129,7 @@ def widen(checkpoint_path: str, output: str, *, factor: int, layers: Optional[in
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser("widen", help="embed a model in a K-times wider one with the same function (implicit bias)",
                             description=cli_description(__doc__))
-  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model dir (LLaMA / OLMo v1)")
+  p.add_argument("--checkpoint", required=True, help="run dir, RUN@STEP or HF model dir (docs/FAMILIES.md)")
   p.add_argument("--factor", type=int, required=True, help="K: hidden, heads, kv_heads and ffn times K")
   p.add_argument("--layers", type=int, default=None, help="total layers of the wide model (extra ones are zero)")
   p.add_argument("--untie", action="store_true", help="untie a tied head first (lm_head = embed^T), then widen")

@@ -4,9 +4,9 @@ The params-only reads and writes are maxlm.checkpoint.params'."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from maxlm import __version__
+from maxlm.core import files
 from maxlm.core.config import CheckpointConfig, Config, config_from_dict
 from maxlm.core.errors import CheckpointError, ConfigError
 from maxlm.core.trees import describe_mismatch, flat_tree, key_name
@@ -27,6 +28,10 @@ FORMAT = 2
 
 class CorruptCheckpointError(CheckpointError):
   """A step that exists but cannot be read (partial, corrupt or deleted files), as opposed to a mismatch."""
+
+
+class DataStateMismatch(CheckpointError):
+  """A step whose data-iterator state this run cannot continue (checkpoint.allow_data_restart=true accepts that)."""
 
 
 def _handlers() -> dict:
@@ -54,15 +59,12 @@ class IteratorState:
 
 def checkpoint_dir(path: str) -> str:
   """RUN_DIR/checkpoints for a run dir; a path that already is a checkpoints dir is kept."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = files.absolute(path)  # a gs:// URL stays one
   return path if os.path.basename(path) == CHECKPOINTS else os.path.join(path, CHECKPOINTS)
 
 
 def _listdir(path: str) -> list[str]:
-  try:
-    return os.listdir(path)
-  except OSError:
-    return []
+  return files.listdir(path)
 
 
 def interrupted_saves(directory: str) -> list[str]:
@@ -100,6 +102,11 @@ def _from_json(value: Any) -> Any:
   return value
 
 
+@jax.jit
+def _all_finite(x):
+  return jax.numpy.isfinite(x).all()
+
+
 def _save_args(state: dict) -> Any:
   """One storage chunk per layer for stacked `layers` arrays (params and optimizer moments alike), so export and
   analysis tools read a single layer without pulling every layer of that weight from disk."""
@@ -118,7 +125,7 @@ class Checkpointer:
   def __init__(self, run_dir: str, cfg: CheckpointConfig, *, read_only: bool = False):
     self.cfg = cfg
     self.directory = checkpoint_dir(run_dir)
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not files.isdir(self.directory):
       raise CheckpointError(f"no checkpoints at {self.directory}: pass a run directory that holds "
                             f"'{CHECKPOINTS}/' (written by maxlm.train or `maxlm.convert from-hf`)")
     every = max(int(cfg.every), 1)
@@ -135,6 +142,9 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,
     )
     self._in_flight: Optional[int] = None
+    # The newest step whose save started: a failure orbax reports only later (at wait or close, after poll saw the
+    # save finish) is that step's, never "step -1".
+    self._last_started: Optional[int] = None
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
     except (OSError, ValueError) as e:
@@ -167,7 +177,7 @@ class Checkpointer:
     a CheckpointError when the step is partial or corrupt."""
     step_dir = os.path.join(self.directory, str(step))
     for item in ("state", "config"):
-      if not os.path.isdir(os.path.join(step_dir, item)):
+      if not files.isdir(os.path.join(step_dir, item)):
         raise CheckpointError(f"checkpoint {step_dir} is incomplete: its '{item}' item is missing; "
                               f"restore another step (available: {', '.join(map(str, self.steps()))})")
     try:
@@ -182,6 +192,15 @@ class Checkpointer:
     """(flat {key: ArrayMetadata} of the saved state, meta item) of a finalised step."""
     return flat_tree(self.state_metadata(step).tree), self._read_json(step, "meta") or {}
 
+  def fingerprint(self, step: int) -> str:
+    """Names one save of a step: the step number and a hash of orbax's commit record (its save timestamps), so a step
+    deleted and saved again (other weights under the same number) reads as another."""
+    try:
+      record = files.read_bytes(os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA"))
+    except OSError:
+      record = b""
+    return f"{step}:" + hashlib.sha256(record).hexdigest()[:16]
+
   def _unreadable(self, step: int, cause: Any) -> CheckpointError:
     why = f"{type(cause).__name__}: {str(cause)[:300]}" if isinstance(cause, BaseException) else str(cause)
     others = ", ".join(str(s) for s in self.steps() if s != step) or "none"
@@ -191,7 +210,7 @@ class Checkpointer:
         f"RUN@STEP elsewhere).")
 
   def _read_json(self, step: int, item: str) -> Any:
-    if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+    if not files.isdir(os.path.join(self.directory, str(step), item)):
       return None
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
@@ -229,10 +248,17 @@ class Checkpointer:
     self.wait()
     if step in self._manager.all_steps():
       return False  # e.g. the final step coincides with a periodic save
-    sources = {k: v if not v or "://" in v else os.path.abspath(v) for k, v in (sources or {}).items()}
+    sources = dict(sources or {})
+    # A source given as {"path", "step", "fingerprint"} (a LoRA base) is pinned: readers use that step or refuse.
+    pins = {k: {"step": int(v["step"]), "fingerprint": v["fingerprint"]} for k, v in sources.items()
+            if isinstance(v, dict)}
+    sources = {k: v["path"] if isinstance(v, dict) else v for k, v in sources.items()}
+    sources = {k: v if not v or "://" in v else os.path.abspath(v) for k, v in sources.items()}
     state = {k: v for k, v in state.items() if k not in sources}
     meta = {"format": FORMAT, "kind": kind, "step": step, "maxlm_version": __version__,
             "items": sorted(state), "sources": sources}
+    if pins:
+      meta["pins"] = pins
     items = dict(state=ocp.args.PyTreeSave(state, save_args=_save_args(state)),
                  config=ocp.args.JsonSave(config.to_dict()), meta=ocp.args.JsonSave(meta))
     if data_state is not None:
@@ -243,6 +269,8 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_failed(step, e) from None
     self._in_flight = step if started else None
+    if started:
+      self._last_started = step
     return started
 
   def _save_failed(self, step: int, cause: BaseException) -> CheckpointError:
@@ -278,7 +306,12 @@ class Checkpointer:
       if step is not None:
         self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failed(step if step is not None else -1, e) from None
+      failed = step if step is not None else getattr(self, "_last_started", None)
+      if failed is None:
+        raise CheckpointError(f"a checkpoint save to {self.directory} failed: {type(e).__name__}: {str(e)[:300]}. "
+                              "Free space on that filesystem (or set run.dir to another one) and rerun the same "
+                              "command to resume") from None
+      raise self._save_failed(failed, e) from None
     self._in_flight = None
 
   def close(self) -> None:
@@ -312,6 +345,7 @@ class Checkpointer:
           state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
+    self._check_finite(step, out["state"])
     return out["state"], self._process_data_state(step)
 
   def restore_for_resume(self, abstract_state: dict, step: Optional[int] = None,
@@ -341,8 +375,8 @@ class Checkpointer:
     target = os.path.join(os.path.dirname(self.directory), folder or SET_ASIDE,
                           f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      files.makedirs(os.path.dirname(target))
+      files.move(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"maxlm_set_aside_{step}")
@@ -354,17 +388,30 @@ class Checkpointer:
 
   def _process_data_state(self, step: int) -> Optional[dict]:
     """This process's data-iterator state at `step` (each process saved its own); None when the step has none.
-    A step written by another number of processes is a CheckpointError (its states cannot be mapped exactly)."""
+    A step written by another number of processes: its state holds for any process count when it is a global
+    batch index (maxlm's pipelines since the global-batch loader), and is read from the first process's file;
+    otherwise a DataStateMismatch (its states cannot be mapped exactly)."""
     files = self.data_state_files(step)
     if not files:
       return None
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if mine not in files:
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} holds the data-iterator states of another process count "
-          f"({', '.join(files)}); this run has {jax.process_count()} process(es), so the data order cannot continue "
-          "exactly. Resume with the same number of processes, or set checkpoint.allow_data_restart=true to restart "
-          "the data order from train.seed (documents seen before the checkpoint may be seen again)")
+      from maxlm.data_pipelines.batches import is_global_state  # pylint: disable=import-outside-toplevel
+      path = os.path.join(self.directory, str(step), "data_state", files[0])
+      try:
+        holder = IteratorState()
+        holder.set_state(files.read_bytes(path))
+      except (OSError, ValueError) as e:
+        raise self._unreadable(step, e) from None
+      if is_global_state(holder.state):
+        return holder.state
+      if self.cfg.allow_data_restart:
+        return None  # the caller says the data order restarts
+      raise DataStateMismatch(
+          f"checkpoint step {step} in {self.directory} holds per-process data-iterator states of another process "
+          f"count ({', '.join(files)}); this run has {jax.process_count()} process(es), so that data order cannot "
+          "continue exactly. Resume with the same number of processes, or set checkpoint.allow_data_restart=true "
+          "to restart the data order from train.seed (documents seen before the checkpoint may be seen again)")
     import grain  # pylint: disable=import-outside-toplevel
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(
@@ -395,7 +442,25 @@ class Checkpointer:
           item=item, restore_args=restore_args, partial_restore=True)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(step, e) from None
+    self._check_finite(step, out["state"])
     return out["state"]
+
+  def _check_finite(self, step: int, state: dict) -> None:
+    """A CorruptCheckpointError naming the arrays of a restored step that hold NaN or Inf. No save writes one (the
+    state is checked finite before each), so one read back means its files changed on disk. One reduction per array,
+    where its shards live (no host copy); bytes flipped to other finite values are not caught (no checksums)."""
+    flat = {k: v for k, v in flat_tree(state).items()
+            if jax.numpy.issubdtype(getattr(v, "dtype", np.int32), jax.numpy.inexact)}
+    finite = jax.device_get({k: (np.isfinite(v).all() if isinstance(v, np.ndarray) else _all_finite(v))
+                             for k, v in flat.items()})
+    bad = [k for k, ok in finite.items() if not bool(ok)]
+    if bad:
+      raise CorruptCheckpointError(
+          f"checkpoint step {step} in {self.directory} is damaged: {', '.join(bad[:5])}"
+          f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''} read back holding NaN or Inf, which no maxlm save "
+          "writes (each saved state is checked finite): its files changed on disk. Other steps: "
+          f"{', '.join(str(s) for s in self.steps() if s != step) or 'none'} (choose one with "
+          "checkpoint.resume_step=STEP when training, --step STEP or RUN@STEP elsewhere).")
 
   def __enter__(self):
     return self

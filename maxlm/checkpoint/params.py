@@ -9,6 +9,8 @@ from typing import Optional
 import jax
 
 from maxlm.checkpoint.checkpointer import CHECKPOINTS, Checkpointer, checkpoint_dir
+from maxlm.checkpoint.spec import split_spec
+from maxlm.core import files
 from maxlm.core.config import CheckpointConfig, Config
 from maxlm.core.errors import CheckpointError
 from maxlm.core.trees import describe_mismatch, flat_tree
@@ -19,16 +21,49 @@ TRAINED_KEYS = ("params", "opt_state", "step")
 
 def open_checkpoints(path: str) -> Checkpointer:
   directory = checkpoint_dir(path)
-  if not os.path.exists(os.path.abspath(os.path.expanduser(path))):
+  if not files.exists(path):
     raise CheckpointError(f"checkpoint path {path!r} does not exist; pass a run directory holding "
                           f"'{CHECKPOINTS}/' (from maxlm.train or `maxlm.convert from-hf`)")
-  if not os.path.isdir(directory):
-    if os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+  if not files.isdir(directory):
+    if not files.is_url(path) and os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
       raise CheckpointError(f"{path!r} is a Hugging Face model directory, not a maxlm run; import it first with "
                             f"`python -m maxlm.convert from-hf --model {path} --output runs/NAME` and pass runs/NAME")
     raise CheckpointError(f"{path!r} holds no '{CHECKPOINTS}/' directory: pass the run directory of a "
                           "maxlm.train run or a `maxlm.convert from-hf` output")
   return Checkpointer(path, CheckpointConfig(async_save=False), read_only=True)
+
+
+def pin(spec: str) -> dict:
+  """{"path", "step", "fingerprint"} of the checkpoint a spec (RUN: its newest step, or RUN@STEP) names now: what a
+  run that depends on it (a LoRA run's base, init_from) records, so that later reads get the same weights."""
+  path, step = split_spec(spec)
+  with open_checkpoints(path) as ckpt:
+    step = ckpt.resolve_step(int(step) if step is not None and step != "all" else None)
+    return {"path": files.absolute(path), "step": step, "fingerprint": ckpt.fingerprint(step)}
+
+
+def check_pin(pinned: dict, user: str) -> str:
+  """`PATH@STEP` of a pinned source when that step is still the one `user` recorded; else a CheckpointError naming
+  the source that moved and the fix."""
+  path, step = pinned["path"], int(pinned["step"])
+  if "://" not in path and not os.path.exists(path):
+    raise CheckpointError(f"{user} depends on {path} at step {step}, and {path} is missing. Restore it there (the "
+                          "weights it was trained on cannot be read otherwise)")
+  with open_checkpoints(path) as ckpt:
+    steps = ckpt.steps()
+    if step not in steps:
+      raise CheckpointError(
+          f"{user} was trained on {path} at step {step}, and that step is gone from {path} (it now holds steps "
+          f"{', '.join(map(str, steps)) or 'none'}: it trained on and rotated it out). Its newer steps are other "
+          f"weights, so {user} is refused rather than read on them: restore step {step} of {path} (from a copy; "
+          f"checkpoint.keep_every keeps steps from rotation), or train a new run on the newer base "
+          f"(checkpoint.init_from={path}@{steps[-1] if steps else 'STEP'})")
+    if pinned.get("fingerprint") and ckpt.fingerprint(step) != pinned["fingerprint"]:
+      raise CheckpointError(
+          f"{user} was trained on {path} at step {step}, and that step was saved again since (other weights "
+          f"under the same step: fingerprint {ckpt.fingerprint(step)}, recorded {pinned['fingerprint']}). Restore "
+          f"the original step {step} of {path}, or train a new run on it (checkpoint.init_from={path}@{step})")
+  return f"{path}@{step}"
 
 
 def load_params(path: str, step: Optional[int] = None, *,

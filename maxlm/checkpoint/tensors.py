@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from maxlm.checkpoint.params import load_params, open_checkpoints
+from maxlm.core import files
 from maxlm.core.errors import CheckpointError
 
 
@@ -38,7 +39,7 @@ class CheckpointTensors:
       meta = meta[k]
     try:
       import tensorstore as ts  # pylint: disable=import-outside-toplevel
-      store = ts.open({"driver": self.driver, "kvstore": {"driver": "ocdbt", "base": f"file://{self.state_dir}",
+      store = ts.open({"driver": self.driver, "kvstore": {"driver": "ocdbt", "base": files.kvstore_spec(self.state_dir),
                                                           "path": meta.name}}, read=True).result()
       return store[t.layer].read().result() if t.layer is not None else store.read().result()
     except Exception:  # pylint: disable=broad-except

@@ -18,7 +18,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from maxlm.core import files
 from maxlm.core.errors import ConfigError
+from maxlm.core.families import FAMILIES
 from maxlm.core.paths import resolve_tokenizer_path
 
 # The target of a position that trains nothing (padding, a masked prompt, a probe's prompt): every loss ignores it.
@@ -40,7 +42,7 @@ class RunConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-  family: Literal["llama", "olmo"] = "llama"
+  family: Literal["llama", "olmo", "olmo2", "qwen2", "gpt2", "gpt_neox"] = "llama"  # rows of maxlm.core.families
   vocab_size: int = 32000
   hidden: int = 1024
   layers: int = 24
@@ -50,6 +52,12 @@ class ModelConfig:
   ffn: int = 4096
   max_positions: int = 2048
   rope_theta: float = 10000.0
+  rope_scaling: Literal["none", "linear", "dynamic", "llama3"] = "none"  # as transformers' rope_type
+  rope_factor: float = 1.0  # linear / dynamic / llama3 scaling factor
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_original_max_positions: int = 8192  # llama3: original_max_position_embeddings
+  rotary_fraction: float = 1.0  # share of each head RoPE rotates (GPT-NeoX / Pythia: 0.25)
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.01
@@ -57,6 +65,7 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
   attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+  causal: bool = True  # false: bidirectional attention (a masked-LM encoder, with data.mlm); no KV-cache decoding
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
   scan_layers: bool = True
   scan_unroll: int = 1  # layers per iteration of the layer scan; >= layers unrolls it (small models on CPU)
@@ -67,6 +76,7 @@ class MeshConfig:
   data: int = 1
   fsdp: int = -1  # -1 = fill with the remaining devices
   tensor: int = 1
+  slices: int = 1  # TPU slices / GPU nodes joined by DCN along the data axis (a hybrid mesh); must divide data
 
 
 @dataclasses.dataclass
@@ -94,7 +104,7 @@ class OptimConfig:
   weight_decay: float = 0.1
   grad_clip: float = 1.0
   warmup_steps: int = 2000
-  schedule: Literal["cosine", "constant"] = "cosine"
+  schedule: Literal["cosine", "constant", "linear"] = "cosine"
   min_lr_ratio: float = 0.1
 
 
@@ -126,6 +136,14 @@ class DataConfig:
   sft_template: Literal["auto", "alpaca", "chat"] = "auto"  # auto: Alpaca records -> alpaca, messages -> chat
   sft_packing: bool = True  # pack examples with document masking (False: one padded example per row)
   validation_fraction: float = 0.0  # sft: share of records held out (by content hash) for validation
+  # Masked-LM batches (data_pipelines/masking.py; IB's generate_samples.py settings): per row, min(mlm_max_predictions,
+  # max(1, round(mlm_prob * maskable tokens))) positions are chosen; of those mlm_mask_share become the mask token,
+  # mlm_random_share a random token, the rest are kept. Targets: the original token there, ignored elsewhere.
+  mlm: bool = False
+  mlm_prob: float = 0.15
+  mlm_max_predictions: int = 5
+  mlm_mask_share: float = 0.8
+  mlm_random_share: float = 0.1
 
 
 @dataclasses.dataclass
@@ -143,7 +161,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class InjectConfig:
-  """Knowledge injection (docs/KNOWLEDGE.md): fictional-knowledge paragraphs inserted into training batches, plus probes."""
+  """Knowledge injection (docs/KNOWLEDGE.md): fictional-knowledge paragraphs inserted into training batches, plus
+  probes."""
   paraphrase_file: str = ""  # JSON list of items injected at every injection step (paraphrase k-1 the k-th time)
   once_file: str = ""  # JSON list of items each injected at exactly one injection step
   interval: int = 0  # inject at steps s with s % interval == 0; 0 = never (probes are still scored)
@@ -247,8 +266,14 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     if not os.path.exists(name_or_path):
       raise ConfigError(f"config file {name_or_path!r} does not exist; pass a preset name "
                         f"({', '.join(preset_names())}) or an existing YAML path")
-    with open(name_or_path) as f:
-      text, origin = f.read(), name_or_path
+    if os.path.isdir(name_or_path):
+      raise ConfigError(f"--config {name_or_path!r} is a directory; pass a YAML file in it or a preset name "
+                        f"({', '.join(preset_names())})")
+    try:
+      with open(name_or_path, encoding="utf-8-sig") as f:
+        text, origin = f.read(), name_or_path
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"config file {name_or_path!r} cannot be read: {e}") from None
   else:
     res = importlib.resources.files("maxlm.configs") / f"{name_or_path}.yaml"
     if not res.is_file():
@@ -412,7 +437,9 @@ def load_config(name_or_path: str = "demo", overrides: tuple[str, ...] | list[st
     if _is_text_field(key) and not isinstance(value, str) and value is not None:
       value = text.split("=", 1)[1]  # a string field takes the text as typed (YAML would read 10:15 as 615)
     set_value(cfg, key, value, f"override {text!r}")
-  return finalize(cfg, num_devices=num_devices)
+  finalize(cfg, num_devices=num_devices)
+  _check_new_run(cfg)
+  return cfg
 
 
 def _is_text_field(dotted: str) -> bool:
@@ -472,6 +499,7 @@ def _check_ranges(cfg: Config) -> None:
       ("train.seq_len", t.seq_len > 0, "positive"), ("train.microbatches", t.microbatches > 0, "positive"),
       ("run.log_every", r.log_every > 0, "positive"), ("run.eval_every", r.eval_every >= 0, ">= 0 (0 = at the end)"),
       ("run.eval_batches", r.eval_batches >= 0, ">= 0"),
+      ("mesh.slices", cfg.mesh.slices >= 1, "a positive number of TPU slices / nodes (1 = one slice)"),
       ("optim.lr", o.lr > 0 and math.isfinite(o.lr), "a positive finite learning rate"),
       ("optim.b1", 0 <= o.b1 < 1, "in [0, 1)"), ("optim.b2", 0 <= o.b2 < 1, "in [0, 1)"),
       ("optim.eps", o.eps > 0, "positive"), ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
@@ -486,6 +514,11 @@ def _check_ranges(cfg: Config) -> None:
       ("data.prefetch", cfg.data.prefetch >= 0, ">= 0"), ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
       ("data.pcfg_tokens", cfg.data.pcfg_tokens >= 0, ">= 0 (0 = unbounded)"),
       ("data.validation_fraction", 0 <= cfg.data.validation_fraction < 1, "in [0, 1)"),
+      ("data.mlm_prob", 0 < cfg.data.mlm_prob <= 1, "in (0, 1]"),
+      ("data.mlm_max_predictions", cfg.data.mlm_max_predictions >= 1, "a positive number of positions per row"),
+      ("data.mlm_mask_share", 0 <= cfg.data.mlm_mask_share <= 1, "in [0, 1]"),
+      ("data.mlm_random_share", 0 <= cfg.data.mlm_random_share <= 1 - cfg.data.mlm_mask_share,
+       "in [0, 1 - data.mlm_mask_share]"),
       ("inject.interval", cfg.inject.interval >= 0, ">= 0 (0 = no injection)"),
       ("inject.probe_every", cfg.inject.probe_every >= 0, ">= 0 (0 = before and after training only)"),
       ("inject.probe_batch_size", cfg.inject.probe_batch_size > 0, "positive"),
@@ -513,6 +546,32 @@ def _check_model(cfg: Config) -> None:
                          else "train.seq_len or raise model.max_positions"))
   if t.global_batch % t.microbatches:
     raise ConfigError(f"{cfg.said('train.global_batch')} is not divisible by {cfg.said('train.microbatches')}")
+  _check_family(cfg)
+
+
+def _check_family(cfg: Config) -> None:
+  """What a family row (maxlm.core.families) allows: RoPE settings only where there is RoPE, clip_qkv only for OLMo."""
+  m = cfg.model
+  fam = FAMILIES[m.family]
+  if m.clip_qkv is not None and not fam.clip_qkv:
+    raise ConfigError(f"{cfg.said('model.clip_qkv')}: clipping q, k, v is OLMo v1's option; the {m.family} family "
+                      "has none (set model.clip_qkv=null)")
+  if fam.positions == "learned" and (m.rope_scaling != "none" or m.rotary_fraction != 1.0):
+    raise ConfigError(f"{cfg.said('model.rope_scaling')}, {cfg.said('model.rotary_fraction')}: the {m.family} family "
+                      "has learned absolute positions, not RoPE; leave them at none and 1.0")
+  if not 0 < m.rotary_fraction <= 1:
+    raise ConfigError(f"{cfg.said('model.rotary_fraction')} must be in (0, 1]")
+  rotary = int(cfg.head_dim * m.rotary_fraction)
+  if fam.positions == "rope" and (rotary < 2 or rotary % 2):
+    raise ConfigError(f"{cfg.said('model.rotary_fraction')} rotates {rotary} of head_dim {cfg.head_dim} dimensions; "
+                      "RoPE needs an even number, at least 2")
+  if m.rope_scaling != "none" and not m.rope_factor > 0:
+    raise ConfigError(f"{cfg.said('model.rope_factor')} must be positive with {cfg.said('model.rope_scaling')}")
+  if m.rope_scaling == "llama3" and not (m.rope_high_freq_factor > m.rope_low_freq_factor > 0
+                                         and m.rope_original_max_positions > 0):
+    raise ConfigError(f"rope scaling llama3 needs model.rope_high_freq_factor > model.rope_low_freq_factor > 0 and "
+                      f"a positive model.rope_original_max_positions ({cfg.said('model.rope_low_freq_factor')}, "
+                      f"{cfg.said('model.rope_high_freq_factor')})")
 
 
 def _check_features(cfg: Config) -> None:
@@ -532,9 +591,14 @@ def _check_features(cfg: Config) -> None:
     raise ConfigError("loss.reduction = 'reference' applies to loss.objective = 'mile' only")
   if cfg.run.profile_steps:
     profile_range(cfg.run.profile_steps)
+  files.check_url_support(cfg.run.dir, cfg.said("run.dir"))
+  if files.is_url(cfg.run.dir) and cfg.run.profile_steps:
+    raise ConfigError(f"{cfg.said('run.profile_steps')}: profiler traces are written to a local folder, and "
+                      f"{cfg.said('run.dir')} is an object store; profile with a local run.dir")
   if cfg.model.attention == "splash" and cfg.train.seq_len % 128:
     raise ConfigError(f"model.attention = 'splash' (TPU splash attention) needs train.seq_len divisible by 128, got "
                       f"{cfg.train.seq_len}; change train.seq_len or use model.attention=auto")
+  _check_masked_lm(cfg)
   unknown = [t for t in cfg.lora.targets if t not in LORA_TARGETS]
   if unknown:
     raise ConfigError(f"lora.targets {unknown} (from {cfg.origin('lora.targets')}): no such projection; choose from "
@@ -544,6 +608,46 @@ def _check_features(cfg: Config) -> None:
   if cfg.lora.rank > 0 and not cfg.checkpoint.init_from:
     raise ConfigError(f"lora.rank = {cfg.lora.rank} adapts a trained base model, but checkpoint.init_from is empty: "
                       "point it at a maxlm run or a `maxlm.convert from-hf` import (or set lora.rank=0)")
+
+
+def _check_masked_lm(cfg: Config) -> None:
+  """data.mlm and model.causal go together: a causal model cannot read the right context a masked token needs, and a
+  bidirectional one trained on next-token targets would read its own targets."""
+  if cfg.data.mlm and cfg.model.causal:
+    raise ConfigError(f"{cfg.said('data.mlm')} trains a masked LM, which reads both sides of a masked token, but "
+                      f"{cfg.said('model.causal')}: set model.causal=false")
+  if not cfg.model.causal and not cfg.data.mlm:
+    raise ConfigError(f"{cfg.said('model.causal')} (bidirectional attention) with next-token targets lets every "
+                      "position read the token it predicts; set data.mlm=true (masked-LM batches) or model.causal=true")
+  if cfg.data.mlm and cfg.data.source not in ("store", "replay", "pcfg"):
+    raise ConfigError(f"{cfg.said('data.mlm')}: masked-LM batches are cut from token windows (data.source store, "
+                      f"replay or pcfg), not from {cfg.said('data.source')}")
+  if cfg.data.mlm and cfg.inject.interval > 0:
+    raise ConfigError(f"{cfg.said('data.mlm')} with {cfg.said('inject.interval')}: knowledge injection writes "
+                      "next-token targets into the rows; set inject.interval=0 for a masked LM")
+
+
+def _check_new_run(cfg: Config) -> None:
+  """What a config written now must not say (a saved config of an older run is still read as it is): a warmup that
+  outlasts the run, a run.dir that cannot be a directory, a run.dir inside the token store it reads."""
+  if cfg.optim.warmup_steps > cfg.train.steps:
+    raise ConfigError(f"{cfg.said('optim.warmup_steps')} is above {cfg.said('train.steps')}: the learning rate "
+                      f"would never reach optim.lr; set optim.warmup_steps <= {cfg.train.steps} (e.g. "
+                      f"optim.warmup_steps={min(cfg.train.steps, max(cfg.train.steps // 10, 1))})")
+  run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir)) if "://" not in cfg.run.dir else ""
+  if not run_dir:
+    return
+  path = run_dir
+  while path and not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    where = "is a file" if path == run_dir else f"is below {path}, which is a file"
+    raise ConfigError(f"{cfg.said('run.dir')} {where}; a run directory must be a directory: choose another run.dir")
+  if cfg.data.path and "://" not in cfg.data.path and cfg.data.source in ("store", "replay"):
+    store = os.path.abspath(os.path.expanduser(cfg.data.path))
+    if run_dir == store or run_dir.startswith(store.rstrip(os.sep) + os.sep):
+      raise ConfigError(f"{cfg.said('run.dir')} is inside the token store {cfg.said('data.path')}: checkpoints and "
+                        "logs would be written into the data; choose a run.dir outside it")
 
 
 def profile_range(text: str) -> tuple[int, int]:
@@ -575,6 +679,9 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
       set_by = "; ".join(cfg.said(k) for k in ("mesh.data", "mesh.fsdp", "mesh.tensor"))
       raise ConfigError(f"{e} [{set_by}]") from None
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = data, fsdp, tensor
+    if data % cfg.mesh.slices:
+      raise ConfigError(f"{cfg.said('mesh.slices')}, which must divide mesh.data = {data} (slices are joined along the "
+                        f"data axis): set mesh.data to a multiple of it [{cfg.said('mesh.data')}]")
     per_step = t.global_batch // t.microbatches
     if per_step % (data * fsdp):
       raise ConfigError(f"the microbatch of {per_step} sequences (train.global_batch / train.microbatches) is "
@@ -588,12 +695,8 @@ def finalize(cfg: Config, *, num_devices: Optional[int] = None) -> Config:
   return cfg
 
 
-def save_config(cfg: Config, path: str) -> None:
-  """Writes the resolved config as YAML (readable) next to a JSON twin (exact), each replaced atomically."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  json_path = os.path.splitext(path)[0] + ".json"
-  for target, dump in ((path, lambda f: yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)),
-                       (json_path, lambda f: json.dump(cfg.to_dict(), f, indent=1))):
-    with open(target + ".tmp", "w") as f:
-      dump(f)
-    os.replace(target + ".tmp", target)
+def save_config(cfg: Config, path: str, header: str = "") -> None:
+  """Writes the resolved config as YAML (readable, after `header`) next to a JSON twin (exact), each replaced
+  atomically (a local path or an object-store URL)."""
+  files.write_atomic(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  files.write_atomic(os.path.splitext(path)[0] + ".json", json.dumps(cfg.to_dict(), indent=1))

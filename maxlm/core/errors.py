@@ -52,22 +52,49 @@ def _close_progress_bars() -> None:
     bar.close()
 
 
+# Teardown noise after a failed checkpoint save (a full disk): tensorstore/orbax's asyncio loops are already closed
+# when their pending callbacks and transports are collected at exit, each saying so once. maxlm has reported the
+# failure itself; these say nothing more.
+_TEARDOWN_NOISE = ("Event loop is closed",)
+
+
+def _is_teardown_noise(line: str) -> bool:
+  return any(noise in line for noise in _TEARDOWN_NOISE)
+
+
 class _OneLine(logging.Filter):
-  """Keeps a library's error records to one line: no traceback, message cut at 300 characters."""
+  """Keeps a library's error records to one line: no traceback, message cut at 300 characters; teardown noise and
+  repeats of a line already shown are dropped."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen: set[str] = set()
 
   def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
     if record.exc_info or record.exc_text or record.stack_info:
       record.exc_info, record.exc_text, record.stack_info = None, None, None
     message = record.getMessage().splitlines()[0] if record.getMessage() else ""
+    if _is_teardown_noise(message) or (error is not None and _is_teardown_noise(str(error))) or message in self.seen:
+      return False
+    self.seen.add(message)
     record.msg, record.args = (message[:300] + (" ..." if len(message) > 300 else "")), None
     return True
 
 
+_SHOWN_AT_SHUTDOWN: set[str] = set()
+
+
 def _one_line_unraisable(unraisable) -> None:
-  # Exceptions Python can only ignore (a library's event loop torn down at exit after a failed save): one line each.
+  # Exceptions Python can only ignore (a library's event loop torn down at exit after a failed save): one line for
+  # each distinct one, none for a closed event loop.
   error = unraisable.exc_value
   line = f"{type(error).__name__}: {error}" if error is not None else str(unraisable.err_msg)
-  print(f"maxlm: ignored at shutdown: {line.splitlines()[0][:300] if line else ''}", file=sys.stderr)
+  line = line.splitlines()[0][:300] if line else ""
+  if _is_teardown_noise(line) or line in _SHOWN_AT_SHUTDOWN:
+    return
+  _SHOWN_AT_SHUTDOWN.add(line)
+  print(f"maxlm: ignored at shutdown: {line}", file=sys.stderr)
 
 
 def quiet_library_tracebacks() -> None:

@@ -32,7 +32,8 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 # jax finds PJRT plugins as modules under the `jax_plugins` namespace or through that entry-point group.
-_ACCELERATOR_MODULES = ("jax_plugins", "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+_ACCELERATOR_MODULES = ("jax_plugins", "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin")
 
 _applied = False
 

@@ -12,7 +12,10 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxlm.core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -28,7 +31,8 @@ RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "layers": None,
-    "norm": None,
+    "positions": None,  # a learned position table's rows (GPT-2): its hidden dimension shards as "embed"
+    "norm": None,  # norm scales and biases along the hidden dimension: replicated
     "act_embed": None,
     "act_heads": "tensor",
     "act_mlp": "tensor",
@@ -38,11 +42,62 @@ RULES: dict[str, Any] = {
 _ACTIVE_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar("maxlm_mesh", default=None)
 
 
-def make_mesh(shape: Sequence[int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; tensor varies fastest so tensor-parallel peers share a host/NVLink island."""
-  devices = list(devices if devices is not None else jax.devices())
-  grid = np.asarray(devices, dtype=object).reshape(tuple(shape))
+def make_mesh(shape: Sequence[int], devices: Optional[Sequence[jax.Device]] = None, slices: int = 1) -> Mesh:
+  """A (data, fsdp, tensor) mesh; tensor varies fastest so tensor-parallel peers share a host/NVLink island.
+  Devices are placed by `device_grid` (topology-aware; `slices` > 1: a hybrid ICI x DCN mesh, slices along data);
+  `devices` may be another target's compile-only devices (maxlm.core.targets)."""
+  grid = device_grid(shape, list(devices if devices is not None else jax.devices()), slices)
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any], slices: int = 1) -> np.ndarray:
+  """The devices laid out as `shape` (data, fsdp, tensor). Accelerators go through mesh_utils, which orders them by
+  their topology (TPU torus coordinates, GPU global ids); devices without coordinates (CPU) are reshaped in order.
+  With `slices` > 1 the data axis spans that many granules joined by the data-centre network (DCN): TPU slices
+  (devices' slice_index), else groups of processes (multi-node GPU: one granule per node's processes); each granule
+  holds data / slices rows of the mesh, laid out by its own topology, and only data-parallel traffic crosses DCN."""
+  shape, devices = [int(s) for s in shape], list(devices)
+  if shape.count(-1) == 1:  # an unresolved fill (a config not finalized for a device count), as numpy's reshape does
+    shape[shape.index(-1)] = len(devices) // max(1, -math.prod(shape))
+  shape = tuple(shape)
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"a mesh of shape {shape} needs {math.prod(shape)} devices, got {len(devices)}")
+  if slices == 1:
+    return _ici_grid(shape, devices)
+  if shape[0] % slices:
+    raise ConfigError(f"mesh.slices = {slices} must divide mesh.data = {shape[0]}: slices are joined along the data "
+                      "axis (set mesh.data to a multiple of mesh.slices)")
+  ici = (shape[0] // slices, *shape[1:])
+  granules = _granules(devices, slices)
+  if granules is None:
+    return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices, allow_split_physical_axes=True)
+  return np.concatenate([_ici_grid(ici, g) for g in granules], axis=0)
+
+
+def _ici_grid(shape: tuple, devices: list) -> np.ndarray:
+  if devices[0].platform == "cpu":
+    return np.asarray(devices, dtype=object).reshape(shape)
+  return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def _granules(devices: list, slices: int) -> Optional[list]:
+  """None where the devices carry `slices` distinct slice_index values (TPU multislice: mesh_utils' own hybrid mesh
+  groups them); else the devices in `slices` equal groups of consecutive processes, each group sorted by device id."""
+  slice_ids = {getattr(d, "slice_index", None) for d in devices}
+  if len(slice_ids) == slices and None not in slice_ids:
+    return None
+  processes = sorted({d.process_index for d in devices})
+  counts = [sum(d.process_index == p for d in devices) for p in processes]
+  if len(processes) % slices:
+    found = f"{len(slice_ids)} TPU slice(s)" if None not in slice_ids else "no TPU slice index"
+    raise ConfigError(f"mesh.slices = {slices}, but the devices show {found} and {len(processes)} process(es), which "
+                      f"do not split into {slices} equal groups: set mesh.slices to the number of TPU slices or nodes "
+                      "(1 on a single slice or node)")
+  per = len(processes) // slices
+  groups = [[d for d in devices if d.process_index in processes[i * per:(i + 1) * per]] for i in range(slices)]
+  if len({len(g) for g in groups}) > 1:
+    raise ConfigError(f"mesh.slices = {slices}: the processes' device counts {counts} do not split evenly")
+  return [sorted(g, key=lambda d: d.id) for g in groups]
 
 
 def logical_to_spec(axes: Optional[Sequence[Optional[str]]]) -> P:
@@ -129,9 +184,20 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes)))
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Assembles each process's rows of the batch into one global array sharded over (data, fsdp)."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
+def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, ...]:
+  """The rows of a global batch of `global_rows` that this process's devices hold in the (data, fsdp) layout,
+  sorted: what this process loads. Processes whose devices differ only along tensor (tensor peers) hold the same
+  rows; with tensor inside a process, the processes hold disjoint blocks."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows, 1))
+  return tuple(sorted({r for index in index_map.values() for r in range(*index[0].indices(global_rows))}))
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], global_rows: Optional[int] = None) -> dict[str, jax.Array]:
+  """Assembles each process's rows of the batch (`process_rows`, in order) into one global array of `global_rows`
+  rows sharded over (data, fsdp). Without `global_rows` jax infers it (right only when no rows are shared)."""
+  return {k: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, v.ndim), v, None if global_rows is None else (global_rows, *v.shape[1:]))
+          for k, v in local.items()}
 
 
 def put_host(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:

@@ -16,6 +16,9 @@ from maxlm import pretrained
 from maxlm.checkpoint.spec import default_output, spec_path
 from maxlm.core.config import Config
 from maxlm.core.errors import DataError
+from maxlm.core.outputs import check_file, write_text
+
+COMMAND = "maxlm.evaluate"
 
 
 # ----------------------------------------------------------------------------- text files
@@ -33,8 +36,8 @@ def text_batches(docs: dict[str, list[str]], encode, separator_id: int, *, seq_l
       stream.extend(ids)
       stream.append(separator_id)
     tokens = np.asarray(stream, np.int32)
-    batches = eval_windows(lambda s, e: tokens[s:e], len(tokens), seq_len, batch_size, num_batches or sys.maxsize,
-                           0, 1, separator_id, document_masking)
+    batches = eval_windows(lambda s, e: tokens[s:e], len(tokens), seq_len, batch_size, None,
+                           num_batches or sys.maxsize, separator_id, document_masking)
     if batches:
       out[domain] = batches
   return out
@@ -54,20 +57,28 @@ def make_loss_fn(cfg: Config, compute_dtype: str):
   return jax.jit(lambda params, batch: ce_sum(cfg, graphdef, params, batch, compute_dtype=compute_dtype))
 
 
-def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, compute_dtype: str) -> dict:
-  """{'domains': {d: {loss, perplexity, tokens}}, 'uniform_avg', 'worst', 'token_weighted'} in nats/token."""
+def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, compute_dtype: str,
+                progress: bool = True) -> dict:
+  """{'domains': {d: {loss, perplexity, tokens}}, 'uniform_avg', 'worst', 'token_weighted'} in nats/token; a
+  progress bar on stderr over the batches unless `progress` is False."""
   import jax  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   params = jax.device_put(params)
   loss_fn = make_loss_fn(cfg, compute_dtype)
   domains = {}
+  bar = tqdm(total=sum(len(b) for b in batches.values()), desc="evaluate", unit="batch", disable=not progress,
+             file=sys.stderr, dynamic_ncols=True)
   for domain, domain_batches in batches.items():
     total, count = 0.0, 0.0
+    bar.set_postfix(domain=domain)
     for batch in domain_batches:
       s, n = loss_fn(params, {k: np.asarray(v) for k, v in batch.items()})
       total, count = total + float(s), count + float(n)
+      bar.update(1)
     if count:
       mean = total / count
       domains[domain] = {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count)}
+  bar.close()
   if not domains:
     raise DataError("the evaluation data produced no target tokens (too short for one window?)")
   losses = [d["loss"] for d in domains.values()]
@@ -81,10 +92,19 @@ def loss_report(cfg: Config, params: dict, batches: dict[str, list[dict]], *, co
 def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional[int] = None,
              seq_len: Optional[int] = None, batch_size: int = 8, num_batches: int = 0,
              compute_dtype: Optional[str] = None, text_field: str = "text", domain_field: str = "",
-             data_format: str = "text", output: Optional[str] = None, log=print) -> dict:
+             data_format: str = "text", output: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+             log=print) -> dict:
   """Loss and perplexity of a checkpoint on `data`: a token store directory, a .jsonl/.txt file, or (None) the
   run's own held-out data. num_batches 0 = all of a file / 64 batches of a store. data_format "sft": `data` is
-  instruction data (Alpaca JSON / chat JSONL), scored on response tokens only. Writes and returns the JSON."""
+  instruction data (Alpaca JSON / chat JSONL), scored on response tokens only. Writes and returns the JSON
+  (`output`: a new file, or with `overwrite` an earlier output of evaluate; the default RUN_DIR/eval/ name replaces
+  only evaluate's own earlier file)."""
+  for flag, value, least in (("--batch-size", batch_size, 1), ("--num-batches", num_batches, 0),
+                             ("--seq-len", seq_len if seq_len is not None else 1, 1)):
+    if value < least:
+      raise DataError(f"{flag} {value} must be >= {least}")
+  if output is not None:
+    output = check_file(output, COMMAND, overwrite=overwrite)  # before the work, not after it
   pre = pretrained.load_one(checkpoint_path, step)
   cfg, params, step = pre.cfg, pre.params, pre.step
   if data is None and pre.kind == "hf":
@@ -123,16 +143,14 @@ def evaluate(checkpoint_path: str, data: Optional[str] = None, *, step: Optional
                     "it was tokenized with another tokenizer")
   # An HF directory has no run to take a dtype from: fp32, as transformers loads it and the analysis tools run.
   compute_dtype = compute_dtype or (cfg.model.compute_dtype if pre.kind == "run" else "float32")
-  report = loss_report(cfg, params, batches, compute_dtype=compute_dtype)
+  report = loss_report(cfg, params, batches, compute_dtype=compute_dtype, progress=progress)
   report.update(checkpoint=os.path.abspath(spec_path(checkpoint_path)), step=step,
                 data=os.path.abspath(data) if data else f"run data ({cfg.data.source})",
                 seq_len=seq_len, seconds=time.perf_counter() - t0)
   if output is None:
     tag = os.path.basename(os.path.normpath(data)).split(".")[0] if data else "run_data"
-    output = default_output(checkpoint_path, step, "loss", tag)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(report, f, indent=2)
+    output, overwrite = default_output(checkpoint_path, step, "loss", tag), True
+  output = write_text(output, COMMAND, json.dumps(report, indent=2), overwrite=overwrite)
   for domain, r in sorted(report["domains"].items()):
     log(f"{domain:>24s}  loss {r['loss']:.4f}  ppl {r['perplexity']:10.3f}  ({r['tokens']:,} tokens)")
   log(f"{'uniform avg':>24s}  loss {report['uniform_avg']['loss']:.4f}  ppl "

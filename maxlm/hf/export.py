@@ -8,10 +8,12 @@ import os
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from maxlm import model as model_lib
-from maxlm.checkpoint.spec import one_checkpoint
+from maxlm.checkpoint.spec import one_checkpoint, split_spec
 from maxlm.checkpoint.tensors import CheckpointTensors
+from maxlm.core import files
 from maxlm.core.config import Config
 from maxlm.core.errors import ConversionError
 from maxlm.core.outputs import HF_EXPORT, atomic_output
@@ -48,12 +50,13 @@ def tensor_source(checkpoint_path: str, step: Optional[int] = None):
   if source.config.lora.rank <= 0:
     return source
   _, _, adapters, base = lora.read_adapters(checkpoint_path, source.step)
-  return MergedTensors(source, tensor_source(base), adapters)
+  base_path, base_step = split_spec(base)  # the step the adapters were trained on, when the run pinned it
+  return MergedTensors(source, tensor_source(base_path, int(base_step) if base_step else None), adapters)
 
 
 def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
           overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, adapter: bool = False,
-          log=print) -> str:
+          progress: bool = True, log=print) -> str:
   """Exports a run's checkpoint (`RUN` for its latest step, `RUN@STEP`, or `step`) as an HF directory; returns its
   path. dtype: of the written weights, default the checkpoint's parameter dtype (float32: transformers then gives
   maxlm's logits exactly). A LoRA run exports merged; with `adapter`, as a PEFT adapter directory instead
@@ -68,6 +71,10 @@ def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtyp
                             log=log)
   source = tensor_source(checkpoint_path, step)
   cfg = source.config
+  if not cfg.model.causal:
+    raise ConversionError(f"{checkpoint_path} is a bidirectional masked LM (model.causal=false); transformers' "
+                          f"{cfg.model.family} classes are causal decoders and would run it with a causal mask, so "
+                          "the export would not be the same function. Nothing was written")
   dtype = dtype or cfg.model.param_dtype
   out_dtype = np_dtype(dtype)
   problems = describe_mismatch(flat_tree(expected_shapes(cfg)),
@@ -75,7 +82,7 @@ def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtyp
   if problems:
     raise ConversionError(f"checkpoint step {source.step} of {checkpoint_path} does not match its saved config: "
                           + "; ".join(problems))
-  plan = hf_names.tensors(source.shapes)
+  plan = hf_names.tensors(source.shapes, cfg.model.family)
   with atomic_output(output, HF_EXPORT, overwrite=overwrite) as tmp:
     bos, eos, note = export_tokenizer(cfg.data, tmp, vocab_size=cfg.model.vocab_size,
                                       max_positions=cfg.model.max_positions)
@@ -84,11 +91,13 @@ def to_hf(checkpoint_path: str, output: str, *, step: Optional[int] = None, dtyp
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
     writer = SafetensorsShards(tmp, [(t.hf_name, t.shape) for t in plan], out_dtype.itemsize, max_shard_bytes)
-    for t, array in hf_names.unstack(source.shapes, source.read):
-      writer.write(t.hf_name, np.asarray(array).astype(out_dtype, copy=False))
+    with tqdm(total=len(plan), desc="to-hf", unit="tensor", disable=not progress, dynamic_ncols=True) as bar:
+      for t, array in hf_names.unstack(source.shapes, cfg.model.family, cfg.model.heads, source.read):
+        writer.write(t.hf_name, np.asarray(array).astype(out_dtype, copy=False))
+        bar.update(1)
     writer.close()
     with open(os.path.join(tmp, HF_EXPORT.marker), "w") as f:
-      json.dump({"checkpoint": os.path.abspath(checkpoint_path), "step": source.step, "dtype": dtype,
+      json.dump({"checkpoint": files.absolute(checkpoint_path), "step": source.step, "dtype": dtype,
                  "tokenizer": note}, f, indent=2)
   log(f"wrote {output}: {hf_names.ARCHITECTURES[cfg.model.family]}, step {source.step}, {dtype}, "
       f"{len(writer.files)} shard(s), {writer.total_bytes / 1e6:.1f} MB; {note}")

@@ -8,12 +8,13 @@ import os
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from maxlm import model as model_lib
 from maxlm.checkpoint.params import save_params
 from maxlm.core.config import Config, finalize, load_config
 from maxlm.core.errors import ConversionError, DataError
-from maxlm.core.outputs import HF_IMPORT, atomic_output
+from maxlm.core.outputs import HF_IMPORT, atomic_output, check_target
 from maxlm.core.paths import tokenizer_file_in
 from maxlm.data_pipelines.text_tokenizer import tokenizer_vocab_size
 from maxlm.data_pipelines.tokenization import carry_tokenizer
@@ -45,23 +46,26 @@ def read_hf_config(model_dir: str, *, config: Optional[str] = None, overrides: t
   return finalize(cfg)
 
 
-def read_hf(model_dir: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = ()
+def read_hf(model_dir: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = (), progress: bool = False
             ) -> tuple[Config, dict, dict]:
-  """(config, params as host numpy arrays, frozen entries) of an HF LLaMA / OLMo v1 directory, checked tensor by
-  tensor against its config.json; nothing is written. EMO's fixed cost embedding is the head at import."""
+  """(config, params as host numpy arrays, frozen entries) of an HF directory of a supported family (maxlm.hf.names),
+  checked tensor by tensor against its config.json; nothing is written. EMO's fixed cost embedding is the head at
+  import. `progress`: a bar on stderr over the tensors read."""
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
   cfg = read_hf_config(model_dir, config=config, overrides=overrides)
   shapes = model_lib.abstract_model(cfg.model)[1]
   source = HFTensors(model_dir)
-  plan = hf_names.tensors(shapes)
+  names = hf_names.names_of(cfg.model.family)
+  plan = hf_names.tensors(shapes, cfg.model.family)
   wanted, available = {t.hf_name for t in plan}, set(source.names())
   missing = sorted(wanted - available)
   if missing:
     raise ConversionError(f"{model_dir} lacks {len(missing)} tensor(s) its config.json implies: "
                           f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-  tied_head = cfg.model.tie_embeddings and "lm_head.weight" in available
-  unexpected = sorted(n for n in available - wanted if not n.endswith(hf_names.IGNORED_SUFFIXES)
-                      and not (tied_head and n == "lm_head.weight"))
+  head = names.top["lm_head"]
+  tied_head = cfg.model.tie_embeddings and head in available
+  unexpected = sorted(n for n in available - wanted if not n.endswith(names.ignored_suffixes)
+                      and not (tied_head and n == head))
   if unexpected:
     raise ConversionError(f"{model_dir} has tensors maxlm's {cfg.model.family} model has no place for "
                           f"(biases? another architecture?): {', '.join(unexpected[:6])}")
@@ -71,7 +75,14 @@ def read_hf(model_dir: str, *, config: Optional[str] = None, overrides: tuple[st
       what = "vocab mismatch: " if t.key[0] in ("embed", "lm_head") else ""
       raise ConversionError(f"{what}tensor {t.hf_name} has shape {shape} but config.json implies {t.shape} "
                             f"(vocab_size {cfg.model.vocab_size}, hidden {cfg.model.hidden})")
-  params = hf_names.stack(shapes, lambda t: source.read(t.hf_name), dtype=np_dtype(cfg.model.param_dtype))
+  with tqdm(total=len(plan), desc="from-hf", unit="tensor", disable=not progress, dynamic_ncols=True) as bar:
+
+    def read(t):
+      array = source.read(t.hf_name)
+      bar.update(1)
+      return array
+
+    params = hf_names.stack(shapes, cfg.model.family, cfg.model.heads, read, dtype=np_dtype(cfg.model.param_dtype))
   # Saved frozen entries derived from the weights (EMO's fixed cost embedding: the head at import, never trained).
   extras = {name: np.asarray(entry.from_params(params)) for name, entry in registry.frozen_entries(cfg).items()
             if entry.from_params is not None and entry.saved}
@@ -98,12 +109,14 @@ def check_tokenizer_fits(cfg: Config, model_dir: str) -> None:
 
 
 def from_hf(model_dir: str, output: str, *, config: Optional[str] = None, overrides: tuple[str, ...] = (),
-            overwrite: bool = False, log=print) -> Config:
-  """Imports an HF LLaMA / OLMo (v1) directory as a params-only maxlm checkpoint (step 0) under `output`, with its
-  tokenizer files copied into output/tokenizer/. --overwrite replaces only an earlier import."""
+            overwrite: bool = False, progress: bool = True, log=print) -> Config:
+  """Imports an HF directory of a supported family (docs/FAMILIES.md) as a params-only maxlm checkpoint (step 0)
+  under `output`, with its tokenizer files copied into output/tokenizer/. --overwrite replaces only an earlier
+  import."""
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
-  cfg, params, extras = read_hf(model_dir, config=config, overrides=overrides)
   output_abs = os.path.abspath(os.path.expanduser(output))
+  check_target(output_abs, HF_IMPORT, overwrite)  # before reading gigabytes
+  cfg, params, extras = read_hf(model_dir, config=config, overrides=overrides, progress=progress)
   with atomic_output(output_abs, HF_IMPORT, overwrite=overwrite) as tmp:
     carry_tokenizer(cfg.data, tmp, output_abs)  # the run keeps its own copy of the tokenizer
     cfg.run.dir = output_abs

@@ -20,6 +20,7 @@ import numpy as np
 
 from maxlm.core import sharding
 from maxlm.core.errors import TrainingDivergedError
+from maxlm.run import hosts
 
 
 @dataclasses.dataclass
@@ -138,7 +139,8 @@ def evaluate(run: Run, eval_step, eval_batches: dict, keys) -> dict[str, float]:
   for domain, batches in eval_batches.items():
     total, count = 0.0, 0.0
     for b in batches:
-      s, n = eval_step(run.state, sharding.global_batch(run.lay.mesh, {k: b[k] for k in keys}))
+      s, n = eval_step(run.state, sharding.global_batch(run.lay.mesh, {k: b[k] for k in keys},
+                                                        run.cfg.train.global_batch))
       total, count = total + float(s), count + float(n)
     results[f"eval/{domain}"] = total / max(count, 1.0)
   if results:
@@ -234,6 +236,11 @@ class StopSignals(Hook):
     if name == "SIGINT":
       print("\nmaxlm: Ctrl-C: saving after this step, then exiting (Ctrl-C again to exit at once)", file=sys.stderr,
             flush=True)
+      if self._synced:
+        # Every process must stop after the same step: mark the Ctrl-C for all of them, then raise the preemption
+        # notice JAX's preemption service agrees on (it owns SIGTERM).
+        hosts.share_sigint()
+        os.kill(os.getpid(), signal.SIGTERM)
 
   def install(self) -> "StopSignals":
     for sig in self.SIGNALS:
@@ -255,7 +262,7 @@ class StopSignals(Hook):
     if self._synced:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       if multihost_utils.reached_preemption_sync_point(run.step):
-        self.requested = self.requested or "SIGTERM"
+        self.requested = "SIGINT" if hosts.sigint_seen() else (self.requested or "SIGTERM")
         run.stop_signal = self.requested
         return True
       return False
@@ -272,17 +279,21 @@ class StopSignals(Hook):
 
 
 class ProfilerHook(Hook):
-  """A jax.profiler trace of steps START+1 .. STOP (run.profile_steps) in run.dir/profile (TensorBoard/Perfetto)."""
+  """A jax.profiler trace of steps START+1 .. STOP (run.profile_steps) in run.dir/profile (TensorBoard/Perfetto); with
+several processes each writes its own, run.dir/profile/process_I (two on one host would share a file name)."""
 
   def __init__(self, cfg, start: int, stop: int):
     self.logdir = os.path.join(cfg.run.dir, "profile")
+    if jax.process_count() > 1:
+      self.logdir = os.path.join(self.logdir, f"process_{jax.process_index()}")
     self.start, self.stop = start, stop
     self.active = False
 
   def _begin(self, run: Run) -> None:
     jax.profiler.start_trace(self.logdir)
     self.active = True
-    run.say(f"maxlm: profiling steps {self.start + 1}-{self.stop} into {self.logdir}")
+    where = os.path.join(os.path.dirname(self.logdir), "process_*") if jax.process_count() > 1 else self.logdir
+    run.say(f"maxlm: profiling steps {self.start + 1}-{self.stop} into {where}")
 
   def on_start(self, run: Run) -> None:
     if self.start <= run.step < self.stop:

@@ -150,7 +150,8 @@ class KnowledgeProbeHook(Hook):
 
   def _score(self, run: Run) -> None:
     def ce_fn(batch):
-      return jax.device_get(self.ce_step(run.state, {k: sharding.put_replicated(v, self.mesh) for k, v in batch.items()}))
+      placed = {k: sharding.put_replicated(v, self.mesh) for k, v in batch.items()}
+      return jax.device_get(self.ce_step(run.state, placed))
 
     metrics = score(ce_fn, self.sets, mode=self.cfg.inject.probe_mode, batch_size=self.cfg.inject.probe_batch_size,
                     length=self.length, pad_id=self.pad_id)

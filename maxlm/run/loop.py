@@ -11,6 +11,9 @@ from maxlm.checkpoint.checkpointer import Checkpointer
 from maxlm.core import sharding
 from maxlm.core.config import Config
 from maxlm.run import hooks as hooks_lib
+from maxlm.run import hosts
+from maxlm.run import resume as resume_lib
+from maxlm.run import shared_dir
 from maxlm.run import start as start_lib
 from maxlm.run.lock import RunDirLock
 from maxlm.run.trackers import MetricsLogger
@@ -23,7 +26,7 @@ def run_loop(run: hooks_lib.Run, compiled, batch_shardings, hooks: list, signals
     hook.on_start(run)
   while run.step < run.cfg.train.steps and not signals.stop_after(run):
     local = next(run.data_it)
-    batch = sharding.global_batch(run.lay.mesh, {k: local[k] for k in batch_shardings})
+    batch = sharding.global_batch(run.lay.mesh, {k: local[k] for k in batch_shardings}, run.cfg.train.global_batch)
     run.state, device_metrics = compiled(run.state, batch)
     run.step += 1
     for hook in hooks:
@@ -35,30 +38,36 @@ def run_loop(run: hooks_lib.Run, compiled, batch_shardings, hooks: list, signals
 def train(cfg: Config, *, verbose: bool = True) -> dict:
   """Runs (or resumes) the configured training; returns a summary with per-step losses."""
 
-  say = print if verbose else (lambda *a, **k: None)
   primary = jax.process_index() == 0
+  say = print if verbose and primary else (lambda *a, **k: None)  # one log of progress per job: process 0's
+  hosts.check_equal_devices()  # before the lock: a job that cannot lay out its mesh leaves nothing in run.dir
   with RunDirLock(cfg.run.dir):
+    shared_dir.check_same_run_dir(cfg.run.dir)  # under --distributed: one run.dir for every process, or all stop
     info, lay = start_lib.prepare(cfg, say)
+    where = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    where += f", {cfg.mesh.slices} slices along data" if cfg.mesh.slices > 1 else ""
     say(f"maxlm: {lay.param_count:,} parameters on mesh data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} "
-        f"tensor={cfg.mesh.tensor} ({jax.device_count()} {jax.devices()[0].platform} devices)")
-    data_it = data_pipelines.build_train_iterator(
-        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch // jax.process_count(),
-        seed=cfg.train.seed, process_index=jax.process_index(), process_count=jax.process_count())
+        f"tensor={cfg.mesh.tensor} ({jax.device_count()} {jax.devices()[0].platform} devices){where}")
+    rows = sharding.process_rows(lay.mesh, cfg.train.global_batch)  # the rows this process's devices hold
+    data_it = data_pipelines.build_train_iterator(cfg.data, seq_len=cfg.train.seq_len,
+                                                  batch_size=cfg.train.global_batch, seed=cfg.train.seed, rows=rows)
     if cfg.inject.interval > 0:  # knowledge injection: a transform on this process's rows, its state in data_it's
       from maxlm.data_pipelines import knowledge_injection  # pylint: disable=import-outside-toplevel
-      data_it = knowledge_injection.wrap_train_iterator(cfg, data_it, sharding.batch_sharding(lay.mesh))
+      data_it = knowledge_injection.wrap_train_iterator(cfg, data_it, rows)
     checkpointer = Checkpointer(cfg.run.dir, cfg.checkpoint) if cfg.checkpoint.enabled else None
     logger = None
     try:
       state, start = start_lib.initial_state(cfg, lay, checkpointer, data_it, say)
       compiled, batch_shardings, compile_s = start_lib.compile_step(cfg, lay, say)
+      resume_lib.save_run_config(cfg, checkpointer, start)  # every check passed: nothing was written before
       logger = MetricsLogger(cfg.run.dir, tensorboard=cfg.run.tensorboard, is_primary=primary,
                              wandb_project=cfg.run.wandb_project, config=cfg.to_dict())
       logger.truncate_after(start)
       run = hooks_lib.Run(cfg, lay, state, start, start, data_it, checkpointer, logger, say, primary)
       signals = hooks_lib.StopSignals().install()
       try:
-        run_loop(run, compiled, batch_shardings, start_lib.build_hooks(cfg, lay, run, batch_shardings, verbose), signals)
+        hooks = start_lib.build_hooks(cfg, lay, run, batch_shardings, verbose)
+        run_loop(run, compiled, batch_shardings, hooks, signals)
       finally:
         signals.uninstall()
     finally:

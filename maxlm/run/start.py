@@ -12,12 +12,15 @@ import jax.numpy as jnp
 from maxlm import data_pipelines
 from maxlm import model as model_lib
 from maxlm import pretrained
-from maxlm.checkpoint.params import open_checkpoints
-from maxlm.core.config import Config, absolute_paths, finalize, profile_range, save_config, set_value
+from maxlm.checkpoint.params import check_pin, open_checkpoints, pin
+from maxlm.checkpoint.spec import split_spec
+from maxlm.core import sharding
+from maxlm.core.config import Config, absolute_paths, finalize, profile_range, set_value
 from maxlm.core.errors import CheckpointError, ConfigError, DataError
 from maxlm.data_pipelines.tokenization import run_tokenizer
 from maxlm.run import hooks as hooks_lib
 from maxlm.run import knowledge_probes as probes
+from maxlm.run import resume as resume_lib
 from maxlm.state import frozen as frozen_lib
 from maxlm.state import layout as state_lib
 from maxlm.state import plan
@@ -25,11 +28,14 @@ from maxlm.state import step as step_lib
 
 
 def prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
-  """Checks that depend on the data source and on checkpoint.init_from, then writes run.dir/config.yaml."""
+  """Checks that depend on run.dir, the data source and checkpoint.init_from (run.dir/config.yaml is written once
+every check passed: maxlm.run.resume.save_run_config)."""
+  resume_lib.check_fresh_start(cfg)
 
   if cfg.checkpoint.init_from:
-    with open_checkpoints(cfg.checkpoint.init_from) as source:
-      source_cfg = source.config()
+    path, step = split_spec(cfg.checkpoint.init_from)  # RUN or RUN@STEP
+    with open_checkpoints(path) as source:
+      source_cfg = source.config(int(step) if step is not None and step != "all" else None)
     state_lib.inherit_architecture(cfg, source_cfg, cfg.checkpoint.init_from)
     _inherit_tokenizer(cfg, source_cfg, say)
     finalize(cfg, num_devices=jax.device_count())
@@ -45,8 +51,6 @@ def prepare(cfg: Config, say) -> tuple[object, "state_lib.StateLayout"]:
     raise ConfigError(f"the tokenizer has {info.vocab_size} tokens but {cfg.said('model.vocab_size')}; "
                       f"set model.vocab_size >= {info.vocab_size}")
   absolute_paths(cfg)  # what the run saves reads the same files from any working directory
-  if jax.process_index() == 0:
-    save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
   return info, state_lib.layout(cfg)
 
 
@@ -65,24 +69,55 @@ def initial_state(cfg: Config, lay, checkpointer, data_it, say) -> tuple[dict, i
   if checkpointer is not None and cfg.checkpoint.resume and checkpointer.steps():
     requested = cfg.checkpoint.resume_step if cfg.checkpoint.resume_step >= 0 else None
     frozen_lib.check_resume(cfg, checkpointer, requested)
+    _check_resume_config(cfg, checkpointer, requested)
     step, state, data_state = checkpointer.restore_for_resume(lay.saved_abstract, requested, log=say)
     state = rebuild_unsaved(lay, state)
     if data_state is not None:
-      data_it.set_state(data_state)
-    elif cfg.checkpoint.allow_data_restart:
-      say(f"maxlm: warning: checkpoint step {step} has no data-iterator state; the data order restarts from "
-          f"train.seed (checkpoint.allow_data_restart=true)")
-    else:
+      try:
+        data_it.set_state(data_state)
+      except DataError as e:
+        if not cfg.checkpoint.allow_data_restart:
+          raise
+        say(f"maxlm: warning: {e}")
+        data_state = None
+    if data_state is None and cfg.checkpoint.allow_data_restart:
+      say(f"maxlm: warning: checkpoint step {step} has no data-iterator state this run can continue; the data order "
+          f"restarts from train.seed (checkpoint.allow_data_restart=true)")
+    elif data_state is None:
       raise CheckpointError(f"checkpoint step {step} in {cfg.run.dir} has no data-iterator state, so resuming would "
                             "silently restart the data order from train.seed. Set checkpoint.allow_data_restart=true "
                             "to accept that, or resume from a step that has it (checkpoint.resume_step=STEP)")
     say(f"maxlm: resumed from {cfg.run.dir} at step {step}")
     return state, step
   if cfg.checkpoint.init_from:
+    # The step read is recorded (config.yaml, each checkpoint's config and meta): a resume that rebuilds a LoRA base
+    # and every later read of this run get these weights, not the source's newest step.
+    pinned = pin(cfg.checkpoint.init_from)
+    cfg.checkpoint.init_from = f"{pinned['path']}@{pinned['step']}"
     state = init_from(lay, cfg.checkpoint.init_from)
     say(f"maxlm: initialised from {cfg.checkpoint.init_from}")
     return state, 0
   return state_lib.init_state(lay), 0
+
+
+def _check_resume_config(cfg: Config, checkpointer, requested) -> None:
+  try:
+    step = checkpointer.resolve_step(requested)
+    saved = checkpointer.config(step)
+    _, meta = checkpointer.metadata(step)
+  except CheckpointError:
+    return  # an unreadable step: restore_for_resume sets it aside and says so
+  mine, theirs = split_spec(cfg.checkpoint.init_from)[0], split_spec(saved.checkpoint.init_from)[0]
+  if mine and theirs and os.path.abspath(mine) == os.path.abspath(theirs):
+    cfg.checkpoint.init_from = saved.checkpoint.init_from  # the same source: keep the step the run recorded
+  resume_lib.check_resume(cfg, saved, step)
+  for pinned in (meta.get("pins") or {}).values():  # a LoRA base rebuilt on resume: the very weights it started on
+    check_pin({"path": split_spec(cfg.checkpoint.init_from)[0], **pinned}, f"the run in {cfg.run.dir} (step {step})")
+
+
+def _pinned_source(spec: str):
+  """What a checkpoint records of a source its unsaved frozen entries are rebuilt from: its path, step, fingerprint."""
+  return pin(spec) if spec and "://" not in spec else spec
 
 
 def compile_step(cfg: Config, lay, say):
@@ -109,8 +144,8 @@ def build_hooks(cfg: Config, lay, run: hooks_lib.Run, batch_shardings, verbose: 
   out = [metrics]
   if cfg.run.eval_batches > 0:
     batches = data_pipelines.build_eval_batches(
-        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch // jax.process_count(),
-        num_batches=cfg.run.eval_batches, process_index=jax.process_index(), process_count=jax.process_count())
+        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.global_batch, num_batches=cfg.run.eval_batches,
+        rows=sharding.process_rows(lay.mesh, cfg.train.global_batch))
     if batches:
       out.append(hooks_lib.EvalHook(cfg, step_lib.make_eval_step(lay, batch_shardings), batches, batch_shardings))
   if cfg.run.profile_steps:
@@ -118,7 +153,7 @@ def build_hooks(cfg: Config, lay, run: hooks_lib.Run, batch_shardings, verbose: 
   if probes.wanted(cfg):
     out.append(probes.KnowledgeProbeHook(cfg, lay))
   if run.checkpointer is not None:  # last: a save at step S comes after everything the step logs
-    sources = {n: cfg.checkpoint.init_from for n, e in lay.frozen.items() if not e.saved}
+    sources = {n: _pinned_source(cfg.checkpoint.init_from) for n, e in lay.frozen.items() if not e.saved}
     out.append(hooks_lib.CheckpointHook(cfg, metrics, step_lib.make_state_check(lay), sources))
   return out
 

@@ -1,5 +1,7 @@
 """Run metrics behind one tracker interface: `run_dir/metrics.jsonl` (strict JSON lines, always), TensorBoard
 (tensorboardX) and Weights & Biases (when configured). The loop logs to a MetricsLogger and never asks which is on.
+On an object store (run.dir=gs://...) metrics.jsonl is kept in a local copy and uploaded whole at each flush (before
+every checkpoint), at close and at most every UPLOAD_SECONDS while logging; TensorBoard event files likewise.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import secrets
 import time
 from typing import Any, Optional, Protocol
 
+from maxlm.core import files
 from maxlm.core.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
+UPLOAD_SECONDS = 30  # how stale metrics.jsonl on an object store may get while a run logs
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -44,8 +48,7 @@ def _jsonable(value: Any) -> int | float | str:
 
 def _read_lines(path: str) -> list[tuple[str, dict]]:
   """(line, record) pairs; a torn last line (no newline: the crash came mid-write) is not a record."""
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")[:-1]
+  lines = files.read_text(path).split("\n")[:-1]
   pairs = []
   for number, line in enumerate(lines, 1):
     try:
@@ -62,7 +65,7 @@ def _read_lines(path: str) -> list[tuple[str, dict]]:
 def read_metrics(run_dir: str) -> list[dict]:
   """Every record in `run_dir/metrics.jsonl`, in file order, non-finite strings turned back into floats."""
   path = os.path.join(run_dir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise DataError(f"no {METRICS_FILE} in {run_dir!r}: is this a run directory, and has it logged a step?")
   return [{k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()}
           for _, record in _read_lines(path)]
@@ -75,8 +78,10 @@ class JsonlTracker:
   (jq, pandas); `read_metrics` turns them back."""
 
   def __init__(self, run_dir: str):
-    os.makedirs(run_dir, exist_ok=True)
-    self.path = os.path.join(run_dir, METRICS_FILE)
+    files.makedirs(run_dir)
+    self._staged = files.StagedFile(os.path.join(run_dir, METRICS_FILE))  # the file itself when run_dir is local
+    self.path = self._staged.local
+    self._uploaded = time.monotonic()
     self._drop_torn_tail()
     self._open()
 
@@ -103,6 +108,8 @@ class JsonlTracker:
       self._last_offset = self._file.tell()
     self._file.write((json.dumps(self._last, allow_nan=False) + "\n").encode("utf-8"))
     self._file.flush()
+    if time.monotonic() - self._uploaded > UPLOAD_SECONDS:
+      self.flush()
 
   def resume_at(self, step: int) -> None:
     self._file.close()
@@ -112,24 +119,37 @@ class JsonlTracker:
       f.writelines(kept)
     os.replace(tmp, self.path)
     self._open()
+    self.flush()
 
   def flush(self) -> None:
-    pass  # every line is flushed as it is written
+    # Every line is on local disk as it is written; a run.dir on an object store gets the whole file now.
+    self._staged.publish()
+    self._uploaded = time.monotonic()
 
   def close(self) -> None:
     if not self._file.closed:
       self._file.close()
+      self._staged.publish()
+      self._staged.cleanup()
 
 
 # ----------------------------------------------------------------------------- TensorBoard, W&B
 
 
 class TensorBoardTracker:
-  """Scalars in `run_dir/tensorboard/events.out.tfevents.*` through tensorboardX."""
+  """Scalars in `run_dir/tensorboard/events.out.tfevents.*` through tensorboardX. For a run_dir on an object store
+  the event files are written locally and uploaded once complete (at each flush, close, and every UPLOAD_SECONDS
+  while logging): tensorboardX's own gs:// writer re-uploads each whole file every few seconds and again when
+  garbage-collected."""
 
   def __init__(self, run_dir: str):
-    self.logdir = os.path.join(run_dir, TENSORBOARD_DIR)
+    self.target = os.path.join(run_dir, TENSORBOARD_DIR)
+    self.logdir = self.target
+    if files.is_url(run_dir):
+      import tempfile  # pylint: disable=import-outside-toplevel
+      self.logdir = tempfile.mkdtemp(prefix="maxlm-tensorboard-")
     self._writer = None
+    self._uploaded = time.monotonic()
 
   def _open(self, purge_step: Optional[int] = None):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -144,6 +164,8 @@ class TensorBoardTracker:
       self._open()
     for tag, value in metrics.items():
       self._writer.add_scalar(tag, float(value), global_step=int(step))
+    if self.logdir != self.target and time.monotonic() - self._uploaded > UPLOAD_SECONDS:
+      self.flush()
 
   def resume_at(self, step: int) -> None:
     if self._writer is not None:
@@ -159,6 +181,11 @@ class TensorBoardTracker:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+    if self.logdir != self.target:  # complete event files go up once each, then leave the local folder
+      for name in sorted(os.listdir(self.logdir)):
+        files.upload(os.path.join(self.logdir, name), files.join(self.target, name))
+        os.remove(os.path.join(self.logdir, name))
+      self._uploaded = time.monotonic()
 
 
 class WandbTracker:
@@ -172,16 +199,14 @@ class WandbTracker:
       raise ConfigError(f"run.wandb_project = {project!r} needs Weights & Biases: pip install 'maxlm[wandb]' "
                         "(or set run.wandb_project='')") from None
     id_file = os.path.join(run_dir, "wandb_run_id")
-    if os.path.exists(id_file):
-      with open(id_file) as f:
-        run_id = f.read().strip()
+    if files.exists(id_file):
+      run_id = files.read_text(id_file).strip()
     else:
       run_id = secrets.token_hex(4)  # W&B run ids: short lowercase alphanumerics
-      os.makedirs(run_dir, exist_ok=True)
-      with open(id_file, "w") as f:
-        f.write(run_id)
-    self._run = wandb.init(project=project, id=run_id, resume="allow", dir=run_dir, config=config,
-                           name=os.path.basename(os.path.abspath(run_dir)), reinit="create_new")
+      files.write_atomic(id_file, run_id)
+    # W&B keeps its local files in a directory (its default ./wandb when run_dir is an object store).
+    self._run = wandb.init(project=project, id=run_id, resume="allow", dir=None if files.is_url(run_dir) else run_dir,
+                           config=config, name=os.path.basename(files.absolute(run_dir)), reinit="create_new")
 
   def log(self, step: int, metrics: dict[str, float]) -> None:
     self._run.log({k: float(v) for k, v in metrics.items()}, step=int(step))

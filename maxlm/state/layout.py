@@ -21,7 +21,9 @@ from maxlm.core.errors import CheckpointError
 
 # Model-section keys that fix the architecture (and so must agree with a checkpoint given to init_from).
 ARCHITECTURE_KEYS = ("family", "vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn",
-                     "max_positions", "rope_theta", "norm_eps", "tie_embeddings", "clip_qkv")
+                     "max_positions", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor", "rope_original_max_positions", "rotary_fraction", "norm_eps",
+                     "tie_embeddings", "clip_qkv", "causal")
 
 
 @dataclasses.dataclass
@@ -50,7 +52,7 @@ class StateLayout:
 
 
 def layout(cfg: Config, mesh: Optional[jax.sharding.Mesh] = None) -> StateLayout:
-  mesh = mesh or sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+  mesh = mesh or sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), slices=cfg.mesh.slices)
   view = registry.param_view(cfg)
   graphdef, model_abstract, model_specs = model_lib.abstract_model(cfg.model)
   trainable, trainable_specs = view.trainable(model_abstract, model_specs)

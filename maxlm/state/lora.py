@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec
 
 from maxlm import model as model_lib
 from maxlm.core.config import LORA_TARGETS, Config
-from maxlm.checkpoint.params import open_checkpoints
+from maxlm.checkpoint.params import check_pin, open_checkpoints
+from maxlm.checkpoint.spec import split_spec
 from maxlm.core.errors import CheckpointError, ConfigError
 from maxlm.state.frozen import FrozenEntry
 from maxlm.state.views import ParamView
@@ -48,7 +49,8 @@ def adapter_shapes(cfg: Config, model_abstract: dict, model_specs: dict) -> tupl
   missing = [n for n in target_names(cfg) if n not in layers]
   if missing:
     raise ConfigError(f"lora.targets {missing} (from {cfg.origin('lora.targets')}) are not projections of this "
-                      f"{cfg.model.family} model; it has {', '.join(n[:-5] for n in layers if n.endswith('_proj'))}")
+                      f"{cfg.model.family} model; it has "
+                      f"{', '.join(n[:-5] for n in model_lib.family_of(cfg.model).projections)}")
   shapes, specs = {}, {}
   for name in target_names(cfg):
     L, fan_in, fan_out = layers[name].shape
@@ -132,13 +134,18 @@ def merge(cfg: Config, base: dict, adapters: dict) -> dict:
 
 
 def base_path(ckpt, step: int, cfg: Config, where: str) -> str:
-  """Where a LoRA checkpoint's base lives: the meta item's sources (written at save time), else init_from."""
+  """The base a LoRA checkpoint's adapters were trained on, as a spec: `PATH@STEP` when the run pinned it (the
+  meta item's pins, written since the run recorded its base's step; a base that moved on is refused, naming it),
+  else PATH (the meta item's sources, else init_from: its newest step)."""
   _, meta = ckpt.metadata(step)
   path = (meta.get("sources") or {}).get(BASE) or cfg.checkpoint.init_from
   if not path:
     raise CheckpointError(f"{where} (step {step}) holds LoRA adapters but names no base checkpoint; pass its base "
                           "as checkpoint.init_from in the run's config")
-  if "://" not in path and not os.path.exists(os.path.expanduser(path)):
+  pinned = (meta.get("pins") or {}).get(BASE)
+  if pinned is not None:
+    return check_pin({"path": split_spec(path)[0], **pinned}, f"the LoRA run {where} (step {step})")
+  if "://" not in path and not os.path.exists(os.path.expanduser(split_spec(path)[0])):
     raise CheckpointError(f"{where} (step {step}) holds LoRA adapters only; its base {path} (the run's "
                           "checkpoint.init_from) is missing. Restore the base there (a LoRA checkpoint cannot be "
                           "read without it), or export with `to-hf --adapter` for the adapters alone")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from maxlm.state import registry
 from maxlm import model as model_lib
 from maxlm.core.config import Config, mesh_shape
+from maxlm.core.cpu_peak import cpu_peak_flops
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPUs) use a measured matmul peak instead.
 PEAK_FLOPS = {
@@ -26,11 +27,18 @@ PEAK_FLOPS = {
 
 @functools.lru_cache(maxsize=None)
 def peak_flops_per_device() -> tuple[float, str]:
-  """(peak FLOP/s, source): the datasheet dense bf16 peak for known accelerators, else a measured fp32 matmul."""
+  """(peak FLOP/s, source): the datasheet dense bf16 peak for known accelerators; on a CPU its nominal fp32 peak
+  (cores x clock x FMA width: the same figure whatever the load, core.cpu_peak) shared by its devices, or
+  MAXLM_PEAK_FLOPS; a matmul measured now only where neither is known."""
   kind = jax.devices()[0].device_kind.lower()
   for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if name in kind:
       return flops, f"{kind} datasheet bf16"
+  if jax.devices()[0].platform == "cpu":
+    flops, source = cpu_peak_flops()
+    if flops:
+      devices = jax.local_device_count()  # simulated CPU devices share the cores
+      return flops / devices, source + (f", / {devices} devices" if devices > 1 else "")
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -40,7 +48,7 @@ def peak_flops_per_device() -> tuple[float, str]:
     start = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best, f"{kind} measured fp32 matmul"
+  return 2 * n ** 3 / best, f"{kind} fp32 matmul measured at start-up (lower under load)"
 
 
 def _shards(axes, mesh_sizes: dict) -> int:
@@ -105,7 +113,9 @@ def dry_run_report(cfg: Config, num_devices: int) -> str:
       + (f", {est['trainable_count']:,} trainable" if est["trainable_count"] != est["param_count"] else ""),
       f"mesh: data={data} fsdp={fsdp} tensor={tensor} ({num_devices} devices); "
       f"{est['tokens_per_device']:,.0f} tokens per device per microbatch, remat={cfg.model.remat}",
-      "per-device memory estimate:",
+      "per-device memory estimate (analytic, a lower bound: XLA's temporaries come on top; the paper presets' "
+      "compiled peaks are 1.2-2x it, docs/BENCHMARKS.md; --topology=SLICE compiles the real step for that target "
+      "and reports its peak):",
       f"  params      {est['params'] / gib:9.2f} GiB ({cfg.model.param_dtype})",
       f"  optimizer   {est['optimizer'] / gib:9.2f} GiB (AdamW moments, fp32)",
       f"  gradients   {est['gradients'] / gib:9.2f} GiB",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from maxlm import losses
 from maxlm import model as model_lib
 from maxlm.core import sharding
 from maxlm.core.config import Config
@@ -21,19 +22,15 @@ BATCH_KEYS = ("inputs", "targets")
 LOGGED_OBJECTIVE_METRICS = ("emo", "weight_mean")
 
 
+# The `loss` config field of each objective keyword (maxlm.losses.OBJECTIVE_KWARGS lists which objective takes which).
+LOSS_CONFIG_FIELDS = {"ignore_index": "ignore_index", "gamma": "gamma", "reduction": "reduction",
+                      "entropy_floor": "entropy_floor", "mode": "emo_mode", "clamp": "emo_clamp",
+                      "gt_trick": "emo_gt_trick", "ratio": "ratio"}
+
+
 def loss_kwargs(cfg: Config) -> dict:
   """The objective's keyword arguments for maxlm.kernels.fused_loss, from the `loss` section."""
-  l = cfg.loss
-  kwargs = {"ignore_index": l.ignore_index}
-  if l.objective == "mile":
-    kwargs.update(gamma=l.gamma, reduction=l.reduction, entropy_floor=l.entropy_floor)
-  elif l.objective == "focal":
-    kwargs.update(gamma=l.gamma)
-  elif l.objective == "emo":
-    kwargs.update(mode=l.emo_mode, clamp=l.emo_clamp, gt_trick=l.emo_gt_trick)
-  elif l.objective in ("mixce", "tvd"):
-    kwargs.update(ratio=l.ratio)
-  return kwargs
+  return {k: getattr(cfg.loss, LOSS_CONFIG_FIELDS[k]) for k in losses.OBJECTIVE_KWARGS[cfg.loss.objective]}
 
 
 def output_loss(cfg: Config, graphdef, params: dict, batch: dict, *, objective: str, mesh=None,
@@ -53,7 +50,7 @@ def output_loss(cfg: Config, graphdef, params: dict, batch: dict, *, objective: 
     cost_embedding = jax.lax.stop_gradient(head_DxV.T)
   return fused_loss(hidden_BxTxD.reshape(B * T, D), head_DxV, batch["targets"].reshape(B * T), objective=objective,
                     impl=cfg.loss.impl, cost_embedding=cost_embedding,
-                    mesh=mesh if mesh is not None and mesh.size > 1 else None, **objective_kwargs)
+                    mesh=mesh, **objective_kwargs)
 
 
 def batch_shardings(cfg: Config, mesh) -> dict:
