@@ -391,13 +391,13 @@ class Checkpointer:
     A step written by another number of processes: its state holds for any process count when it is a global
     batch index (maxlm's pipelines since the global-batch loader), and is read from the first process's file;
     otherwise a DataStateMismatch (its states cannot be mapped exactly)."""
-    files = self.data_state_files(step)
-    if not files:
+    names = self.data_state_files(step)
+    if not names:
       return None
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if mine not in files:
+    if mine not in names:
       from maxlm.data_pipelines.batches import is_global_state  # pylint: disable=import-outside-toplevel
-      path = os.path.join(self.directory, str(step), "data_state", files[0])
+      path = os.path.join(self.directory, str(step), "data_state", names[0])
       try:
         holder = IteratorState()
         holder.set_state(files.read_bytes(path))
@@ -409,7 +409,7 @@ class Checkpointer:
         return None  # the caller says the data order restarts
       raise DataStateMismatch(
           f"checkpoint step {step} in {self.directory} holds per-process data-iterator states of another process "
-          f"count ({', '.join(files)}); this run has {jax.process_count()} process(es), so that data order cannot "
+          f"count ({', '.join(names)}); this run has {jax.process_count()} process(es), so that data order cannot "
           "continue exactly. Resume with the same number of processes, or set checkpoint.allow_data_restart=true "
           "to restart the data order from train.seed (documents seen before the checkpoint may be seen again)")
     import grain  # pylint: disable=import-outside-toplevel

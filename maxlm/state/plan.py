@@ -114,7 +114,7 @@ def dry_run_report(cfg: Config, num_devices: int) -> str:
       f"mesh: data={data} fsdp={fsdp} tensor={tensor} ({num_devices} devices); "
       f"{est['tokens_per_device']:,.0f} tokens per device per microbatch, remat={cfg.model.remat}",
       "per-device memory estimate (analytic, a lower bound: XLA's temporaries come on top; the paper presets' "
-      "compiled peaks are 1.2-2x it, docs/BENCHMARKS.md; --topology=SLICE compiles the real step for that target "
+      "compiled peaks are 1.0-2.0x it, docs/BENCHMARKS.md; --topology=SLICE compiles the real step for that target "
       "and reports its peak):",
       f"  params      {est['params'] / gib:9.2f} GiB ({cfg.model.param_dtype})",
       f"  optimizer   {est['optimizer'] / gib:9.2f} GiB (AdamW moments, fp32)",
