@@ -40,7 +40,7 @@ def dot(a, b, dims, precision=None):
 
 
 def similarity(ey_TxE, e_CxE):
-  """EMO's s = e_y . e_v in the compute dtype of the unit cost rows e_CxE, accumulated in fp32 (DESIGN.md 4)."""
+  """EMO's s = e_y . e_v in the compute dtype of the unit cost rows e_CxE, accumulated in fp32 (docs/LOSSES.md)."""
   return dot(ey_TxE.astype(e_CxE.dtype), e_CxE, ((1,), (1,)))
 
 
@@ -510,7 +510,7 @@ def token_stats(hidden_NxD, w_DxV, labels_N, cost_VxE=None, *, ignore_index=-100
 
   Differentiable in hidden and w (gradients in their dtypes); cost_VxE is always stop-gradient. The matmuls
   run in the promotion of hidden's and w's dtypes with fp32 accumulation, EMO's similarities too; softmax,
-  logs and sums are fp32. Entropy is exact (entropy_floor is a reference-only clamp, DESIGN.md section 4).
+  logs and sums are fp32. Entropy is exact (entropy_floor is a reference-only clamp, docs/LOSSES.md).
   platform: whose tile plan to use ("cpu" | "gpu" | "tpu"; default: the default backend's), and
   block_tokens / block_vocab override its sizes. vocab_axis: the mesh axis w (d, V/k) and cost (V/k, dE) are
   sharded over, when called inside shard_map.

@@ -22,9 +22,9 @@ IMPLS = ("auto", "reference", "blockwise", "pallas")
 # kernels pass interpret-mode tests and lower (Triton IR / Mosaic) on CPU, but have never run on a GPU or
 # TPU, and the trainer's default must not depend on unvalidated kernels. Add "gpu" / "tpu" here only after
 # benchmarks/device_check.py shows impl="pallas" correct on that machine AND faster than the blockwise plan
-# (on GPU the Triton backward's atomics make that unlikely: DESIGN.md section 10).
+# (on GPU the Triton backward's fp32 atomics make that unlikely, docs/BENCHMARKS.md).
 PALLAS_AUTO_PLATFORMS: tuple[str, ...] = ()
-# Mesh axes (DESIGN.md / maxlm.core.sharding): tokens are split over these, the vocabulary over TENSOR_AXIS.
+# Mesh axes (maxlm.core.sharding): tokens are split over these, the vocabulary over TENSOR_AXIS.
 TOKEN_AXES = ("data", "fsdp")
 TENSOR_AXIS = "tensor"
 
@@ -137,7 +137,7 @@ def fused_loss(hidden, lm_head, labels, *, objective: str = "ce", impl: str = "a
   mesh: a Mesh with axes ("data", "fsdp", "tensor"); with more than one device the fused impls run
   under shard_map with tokens split over data/fsdp and the head's vocabulary over tensor.
   Fused impls compute the entropy exactly: MiLe's reference-mode floor (1e-8) is not applied, a
-  difference bounded by V * 1e-8 * ln(1e8) in H (DESIGN.md section 4).
+  difference bounded by V * 1e-8 * ln(1e8) in H (docs/LOSSES.md).
   """
   impl = resolve_impl(impl, mesh)
   stats_kwargs, combine_kwargs = losses.split_objective_kwargs(objective, objective_kwargs)

@@ -71,7 +71,7 @@ def pad_operands(cfg: KernelConfig, hidden_NxD, w_DxV, labels_N, cost_VxE) -> Pa
   ey_NxE = None
   if cost_VxE is not None:
     # Rows are normalised once here in fp32, then cast to the compute dtype: the similarity matmul runs in
-    # it with fp32 accumulation (DESIGN.md section 4). The label's row is gathered once per call ((N, dE), not
+    # it with fp32 accumulation (docs/LOSSES.md). The label's row is gathered once per call ((N, dE), not
     # per tile): a gather inside a kernel is not portable across Triton and Mosaic. The width is padded with
     # zeros to a multiple of block_e (Triton tiles are powers of two; 768 -> 12 chunks of 64).
     ey_NxE = blockwise.label_embedding(cost_VxE, local_N, cfg.vocab_axis).astype(dtype)

@@ -2,7 +2,7 @@
 
 Owns the GPU loop structure; the tile math, padding and custom VJP are in pallas_common. An explicit
 impl="pallas" option only: jax 0.11 deprecates the Triton backend, and the backward's fp32 atomics (one
-per 64 x 128 tile and d chunk) make it slower than the blockwise GPU plan by estimate (DESIGN.md section 10).
+per 64 x 128 tile and d chunk) make it slower than the blockwise GPU plan by estimate (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
