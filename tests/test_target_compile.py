@@ -137,6 +137,7 @@ def _check_report(text: str, slice_name: str, hbm: int):
   return re.search(r"^attention kernel: (.*)$", text, re.M).group(1)
 
 
+@pytest.mark.target_compile
 def test_compile_for_tpu_slice():
   text = _compiled("tpu", "v5e-4")
   attention = _check_report(text, "v5e-4", 16 * GIB)
@@ -144,6 +145,7 @@ def test_compile_for_tpu_slice():
   assert "mesh: data=1 fsdp=4 tensor=1" in text
 
 
+@pytest.mark.target_compile
 def test_compile_for_gpu_cluster():
   text = _compiled("gpu", "h100-8")
   attention = _check_report(text, "h100-8", targets.GPU_MODELS["h100"].hbm_bytes)
