@@ -23,7 +23,7 @@ import os
 import time
 
 from maxlm import pretrained, train
-from maxlm.analysis import hessian, linear_probe as probe, widen
+from maxlm.analysis import hessian, probe, widen
 from maxlm.core.config import load_config
 from maxlm.core.errors import cli_description
 from maxlm.data_pipelines import build_eval_batches, load_grammar, pcfg_tasks

@@ -22,7 +22,7 @@ import os
 import time
 
 from maxlm import evaluate, train
-from maxlm.analysis import hessian, linear_probe as probe, widen
+from maxlm.analysis import hessian, probe, widen
 from maxlm.core.config import load_config
 from maxlm.data_pipelines import load_grammar, pcfg_tasks
 from maxlm.core.errors import cli_description

@@ -17,7 +17,7 @@ from maxlm.run import start
 from maxlm.checkpoint import params as ckpt_params
 from maxlm import pretrained
 from maxlm import analyze, model
-from maxlm.analysis import common, hessian, linear_probe, token_difficulty, widen
+from maxlm.analysis import common, hessian, probe as linear_probe, token_difficulty, widen
 from maxlm.core.config import load_config
 from maxlm.data_pipelines.pcfg import load_grammar
 from maxlm.core.errors import ConversionError, DataError

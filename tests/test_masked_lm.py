@@ -11,7 +11,7 @@ import pytest
 
 from helpers import numpy_forward
 from maxlm import model as model_lib
-from maxlm.analysis import common, hessian, linear_probe, token_difficulty
+from maxlm.analysis import common, hessian, probe as linear_probe, token_difficulty
 from maxlm.checkpoint import params as ckpt_params
 from maxlm.core.config import IGNORE_INDEX, load_config
 from maxlm.core.errors import ConfigError, ConversionError

@@ -184,7 +184,7 @@ def test_a_utf8_bom_does_not_make_the_first_line_malformed(bert_like, tmp_path):
   prompts = tmp_path / "p.jsonl"
   prompts.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "hi"}\n')
   assert generate_cli.read_prompts(str(prompts)) == ["hi"]
-  from maxlm.analysis.linear_probe import read_task  # pylint: disable=import-outside-toplevel
+  from maxlm.analysis.probe import read_task  # pylint: disable=import-outside-toplevel
   from maxlm.data_pipelines import sft  # pylint: disable=import-outside-toplevel
   chat = tmp_path / "chat.jsonl"
   chat.write_bytes(b"\xef\xbb\xbf" + b'{"messages": []}\n')
@@ -250,7 +250,7 @@ def test_bad_numbers_and_formats_of_evaluate_and_plot(tmp_path, capsys):
 
 def test_evaluate_convert_and_finetune_probe_show_progress(tmp_path, capfd):
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from maxlm.analysis import linear_probe  # pylint: disable=import-outside-toplevel
+  from maxlm.analysis import probe as linear_probe  # pylint: disable=import-outside-toplevel
   from maxlm.evals.loss import evaluate  # pylint: disable=import-outside-toplevel
   from maxlm.hf.export import to_hf  # pylint: disable=import-outside-toplevel
   from maxlm.hf.imports import from_hf  # pylint: disable=import-outside-toplevel

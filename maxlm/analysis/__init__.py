@@ -7,4 +7,4 @@ listed in TOOLS.
 """
 
 # Modules (under maxlm.analysis) whose add_parser registers a `python -m maxlm.analyze` subcommand.
-TOOLS: tuple[str, ...] = ("linear_probe", "hessian", "widen", "token_difficulty", "knowledge_entropy", "resuscitate")
+TOOLS: tuple[str, ...] = ("probe", "hessian", "widen", "token_difficulty", "knowledge_entropy", "resuscitate")
