@@ -52,10 +52,10 @@ def test_tuned_allocator_reuses_the_temporary_buffer():
   assert temp >= 64 << 20, "the probe needs a temporary above glibc's 32 MB mmap threshold"
   assert min(faults) >= 0.8 * pages  # glibc maps the temporary afresh: one fault per page, every call
   # The freed block is reused: calls 50 ms apart (the last temporary freed by then) touch no fresh page, but for a
-  # rare late free on a loaded machine.
+  # rare late free on a loaded machine (a full suite beside other jobs saw 4 such calls of 40: 10% plus 2 pages).
   applied, _, faults = run_faults("on", pause=0.05)
   assert applied
-  assert sum(faults) <= 0.1 * pages * len(faults)
+  assert sum(faults) <= 0.2 * pages * len(faults)  # untuned, every call faults >= 0.8 of the pages (above)
   # Back to back, as a training loop calls: a call sometimes finds the last block still held and grows the heap by a
   # block (4-7 of 80 calls measured), never most of them.
   _, _, faults = run_faults("on")
