@@ -2,10 +2,11 @@
 
 Owns nothing the library uses: it checks that the VMEM-sized tile plan (kernels/tiling.py) compiles on each chip.
 
-  JAX_PLATFORMS=cpu PYTHONPATH=. /work/venvs/tpu/bin/python benchmarks/tpu_kernel_compile.py \
+  JAX_PLATFORMS=cpu PYTHONPATH=.:$HOME/.cache/maxlm/compilers/tpu python benchmarks/tpu_kernel_compile.py \
       --targets v4,v5e,v5p,v6e --d 1024,2048,4096 --objectives ce,mile,emo128,emod
 
-Needs jax[tpu] (libtpu) in the running Python; no TPU. Each target is a 2x2 slice from
+Needs libtpu importable (the side folder of `python -m maxlm.train --install-compilers=tpu` on PYTHONPATH, or a
+jax[tpu] environment); no TPU. Each target is a 2x2 slice from
 jax.experimental.topologies (as MaxText's train_compile.py does); the tokens are split over its devices (N per
 device = --tokens-per-chip), the head is replicated. Per case it prints the tiles the planner chose for the
 target's device_kind, the planner's VMEM estimate against its budget, whether XLA:TPU compiled the program (or
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   import importlib.util
   if importlib.util.find_spec("libtpu") is None:
-    raise SystemExit("tpu_kernel_compile needs libtpu: run it with a jax[tpu] Python (e.g. /work/venvs/tpu/bin/python)")
+    raise SystemExit("tpu_kernel_compile needs libtpu: put the compilers' side folder on PYTHONPATH "
+                     "(PYTHONPATH=.:$HOME/.cache/maxlm/compilers/tpu, after python -m maxlm.train --install-compilers=tpu)")
   blocks = tuple(int(x) for x in args.blocks.lower().split("x")) if args.blocks else None
   print(f"jax {jax.__version__}; libtpu compile-only targets", flush=True)
   if args.measure_vmem:

@@ -143,3 +143,14 @@ def hf_tiny(name, directory=None, seed=0):
   if directory is not None:
     model.save_pretrained(str(directory))
   return model
+
+
+def require_compiler(kind: str) -> None:
+  """Skips the calling test in one line when the side folder has no `kind` ("tpu" / "gpu") compiler."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from maxlm.core import compilers  # pylint: disable=import-outside-toplevel
+  from maxlm.core.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    compilers.check_installed(kind)
+  except ConfigError as e:
+    pytest.skip(f"the XLA {kind.upper()} compiler is not installed ({compilers.INSTALL_COMMAND}): {e}")

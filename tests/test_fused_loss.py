@@ -16,6 +16,7 @@ import pytest
 from maxlm import losses
 from maxlm.core.errors import ConfigError
 from maxlm.kernels import blockwise, fused_loss, tiling
+from helpers import require_compiler
 
 N, D, V, D_EMB = 37, 16, 53, 11
 TILES = dict(block_tokens=8, block_vocab=16)  # N, V, dE are multiples of neither
@@ -549,14 +550,15 @@ def test_tpu_planner_shrinks_the_tiles_the_compiler_refused():
     tiling.tpu_kernel_blocks(8192, 65536, 32000, None, 2, device_kind="TPU v4")
 
 
+@pytest.mark.target_compile
 def test_mosaic_fused_loss_compiles_for_a_tpu():
-  # The real XLA:TPU compiler (libtpu) on this CPU host: the planned kernel compiles for v4 at a shape whose former
-  # 1024 x 512 tiles ran out of v4's VMEM. The main environment has no libtpu: a jax[tpu] env runs this.
-  import importlib.util
-  if importlib.util.find_spec("libtpu") is None:
-    pytest.skip("libtpu is not installed in this Python: run in a jax[tpu] env (docs/BENCHMARKS.md)")
+  # The real XLA:TPU compiler (libtpu, from the side folder of `--install-compilers`) on this CPU host: the planned
+  # kernel compiles for v4 at a shape whose former 1024 x 512 tiles ran out of v4's VMEM.
+  from maxlm.core import compilers  # pylint: disable=import-outside-toplevel
+  require_compiler("tpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+  env = compilers.subprocess_env("tpu")
+  env["PYTHONPATH"] = os.pathsep.join((root, env["PYTHONPATH"]))
   cmd = [sys.executable, os.path.join(root, "benchmarks", "tpu_kernel_compile.py"), "--targets", "v4", "--d", "1024",
          "--objectives", "mile", "--tokens-per-chip", "2048", "--vocab", "4096"]
   result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
