@@ -81,6 +81,7 @@ CHECKS = [
     ("mile_1b", "v5p-64", ()),
     ("ke_olmo1b_inject", "v5e-8", ("train.microbatches=4",)),
     ("mile_7b", "v5p-256", ()),
+    ("mile_7b", "2xv5p-128", ()),  # two slices joined by DCN: mesh.slices=2, mesh.data=2
 ]
 
 BYTES = re.compile(r"compiled bytes \(train step\): (.*)")
@@ -121,9 +122,11 @@ def replan(row: dict) -> float:
   """The analytic plan of a row's preset and target by the current maxlm.state.plan (no compile)."""
   from maxlm.core import targets  # pylint: disable=import-outside-toplevel
   from maxlm.core.config import load_config  # pylint: disable=import-outside-toplevel
-  from maxlm.state import plan  # pylint: disable=import-outside-toplevel
+  from maxlm.state import plan, target_compile  # pylint: disable=import-outside-toplevel
   target = targets.parse(row["target"])
-  cfg = load_config(row["preset"], list(row["overrides"]), num_devices=target.chips)
+  overrides = list(row["overrides"])
+  overrides += target_compile.slice_overrides(row["preset"], overrides, target)  # as --dry-run --topology adds them
+  cfg = load_config(row["preset"], overrides, num_devices=target.chips)
   return plan.memory_estimate(cfg, target.chips, target.platform)["total"]
 
 

@@ -47,7 +47,27 @@ def test_slice_names(name, platform, chips, hosts, topology):
     assert kwargs["platform"] == "cuda" and kwargs["topology"] == topology and "gpu_device_info" in kwargs["target_config"]
 
 
-@pytest.mark.parametrize("name", ["v4-7", "v4-4", "v5e-3", "v5p-6", "h100-12", "h100-0", "tpu-8", "v5e", "h100x8", ""])
+def test_multi_slice_names():
+  t = targets.parse("2xV5P-128")
+  assert (t.name, t.chips, t.hosts, t.slices, t.topology) == ("2xv5p-128", 128, 32, 2, "v5:4x4x4")
+  assert t.topology_kwargs()["num_slices"] == 2 and "num_slices" not in targets.parse("v5p-128").topology_kwargs()
+  with pytest.raises(ConfigError, match="a GPU cluster is h100-N with all its GPUs"):
+    targets.parse("2xh100-8")
+
+
+def test_multi_slice_targets_put_data_parallelism_across_the_slices():
+  two = targets.parse("2xv5p-128")
+  assert target_compile.slice_overrides("mile_7b", [], two) == ["mesh.slices=2", "mesh.data=2"]
+  assert target_compile.slice_overrides("mile_7b", ["mesh.data=4"], two) == ["mesh.slices=2"]
+  assert target_compile.slice_overrides("mile_7b", ["mesh.slices=2", "mesh.data=2"], two) == []
+  assert target_compile.slice_overrides("mile_7b", [], targets.parse("v5p-128")) == []
+  with pytest.raises(ConfigError, match=r"mesh.slices = 2 .*but --topology=v5p-128 has 1 slice: name the target "
+                                        r"2xv5p-128, or set mesh.slices=1"):
+    target_compile.slice_overrides("mile_7b", ["mesh.slices=2", "mesh.data=2"], targets.parse("v5p-128"))
+
+
+@pytest.mark.parametrize("name", ["v4-7", "v4-4", "v5e-3", "v5p-6", "h100-12", "h100-0", "tpu-8", "v5e", "h100x8", "",
+                                  "0xv5e-4", "2xv5e-3"])
 def test_bad_slice_names(name):
   with pytest.raises(ConfigError, match="--topology=.*Targets: v4-N"):
     targets.parse(name)
@@ -142,11 +162,11 @@ def _check_report(text: str, slice_name: str, hbm: int):
 
 
 @pytest.mark.target_compile
-def test_compile_for_tpu_slice():
-  text = _compiled("tpu", "v5e-4")
-  attention = _check_report(text, "v5e-4", 16 * GIB)
+def test_compile_for_tpu_slices():
+  text = _compiled("tpu", "2xv5e-4")  # two v5e-4 slices joined by DCN: data parallelism across them
+  attention = _check_report(text, "2xv5e-4", 16 * GIB)
   assert attention.startswith("splash (Mosaic tpu_custom_call: splash_mha_"), attention
-  assert "mesh: data=1 fsdp=4 tensor=1" in text
+  assert "x 2 slices joined by DCN (mesh.slices=2)" in text and "mesh: data=2 fsdp=4 tensor=1" in text
 
 
 @pytest.mark.target_compile

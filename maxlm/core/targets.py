@@ -71,14 +71,15 @@ class Target:
   device_kind: str
   hbm_bytes: int
   vmem_bytes: Optional[int] = None
+  slices: int = 1  # TPU slices joined by the data-centre network (DCN); chips and hosts count all of them
 
   def topology_kwargs(self) -> dict:
     """Arguments of jax.experimental.topologies.get_topology_desc for this target."""
     if self.platform == "tpu":
       gen = TPU_GENERATIONS[self.model]
-      bounds = (2, 2, 1) if self.chips >= CHIPS_PER_TPU_HOST else (1, 1, 1)
+      bounds = (2, 2, 1) if self.chips // self.slices >= CHIPS_PER_TPU_HOST else (1, 1, 1)
       return {"topology_name": self.topology, "platform": "tpu", "chip_config_name": gen.chip_config,
-              "chips_per_host_bounds": bounds}
+              "chips_per_host_bounds": bounds, **({"num_slices": self.slices} if self.slices > 1 else {})}
     return {"platform": "cuda", "topology": self.topology, "target_config": gpu_target_description(self.model)}
 
   def devices(self) -> list:
@@ -92,19 +93,30 @@ class Target:
 
 def _slice_error(name: str, why: str) -> ConfigError:
   return ConfigError(f"--topology={name}: {why}. Targets: " + ", ".join(f"{g}-N" for g in TPU_GENERATIONS) +
-                     " (Cloud TPU accelerator types; v4/v5p N counts TensorCores, 2 per chip), " +
+                     " (Cloud TPU accelerator types; v4/v5p N counts TensorCores, 2 per chip; SLICESx before one: that many "
+                     "slices joined by DCN, e.g. 2xv5p-128), " +
                      ", ".join(f"{g}-N" for g in GPU_MODELS) + f" (N GPUs, {GPUS_PER_HOST} per host), e.g. v5p-128, "
                      "v5e-16, h100-64")
 
 
 def parse(name: str) -> Target:
-  """The target a slice name names; a ConfigError listing valid names for anything else."""
-  m = re.fullmatch(r"([a-z0-9]+)-([0-9]+)", name.strip().lower())
+  """The target a slice name names ("v5p-128", "h100-64"; "2xv5p-128": two TPU slices joined by DCN); a ConfigError
+  listing valid names for anything else."""
+  m = re.fullmatch(r"(?:([0-9]+)x)?([a-z0-9]+)-([0-9]+)", name.strip().lower())
   if not m:
-    raise _slice_error(name, "not of the form MODEL-N")
-  model, n = m.group(1), int(m.group(2))
-  if n < 1:
-    raise _slice_error(name, "N must be at least 1")
+    raise _slice_error(name, "not of the form MODEL-N or SLICESxMODEL-N")
+  slices, model, n = int(m.group(1) or 1), m.group(2), int(m.group(3))
+  if n < 1 or slices < 1:
+    raise _slice_error(name, "N and SLICES must be at least 1")
+  one = _one_slice(name, model, n)
+  if slices == 1:
+    return one
+  if one.platform != "tpu":
+    raise _slice_error(name, f"SLICESx names TPU slices joined by DCN; a GPU cluster is {model}-N with all its GPUs")
+  return dataclasses.replace(one, chips=one.chips * slices, hosts=one.hosts * slices, slices=slices)
+
+
+def _one_slice(name: str, model: str, n: int) -> Target:
   if model in TPU_GENERATIONS:
     gen = TPU_GENERATIONS[model]
     shapes = _TPU_3D if gen.torus_dims == 3 else _TPU_2D

@@ -142,7 +142,7 @@ def _cudnn_checks_for(device):
 
 def target_mesh(cfg: Config, target: targets.Target) -> jax.sharding.Mesh:
   """The config's (resolved) mesh over the target's compile-only devices, in topology-aware order."""
-  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), target.devices())
+  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), target.devices(), slices=cfg.mesh.slices)
 
 
 def compile_for_target(cfg: Config, target: targets.Target) -> dict:
@@ -192,7 +192,9 @@ def format_report(cfg: Config, target: targets.Target, result: dict) -> str:
   hbm = target.hbm_bytes
   lines = [
       f"target: {target.name}: {target.chips} x {result['device_kind']}, {target.hosts} host"
-      f"{'s' if target.hosts > 1 else ''}, topology {target.topology}; compiled on this host by "
+      f"{'s' if target.hosts > 1 else ''}, topology {target.topology}"
+      f"{f' x {target.slices} slices joined by DCN (mesh.slices={cfg.mesh.slices})' if target.slices > 1 else ''}; "
+      "compiled on this host by "
       f"{_compiler_version(target.platform)} (jaxlib {importlib.metadata.version('jaxlib')})",
       f"model: {cfg.model.family}, {est['param_count']:,} parameters ({est['param_count'] / 1e9:.3f}B); mesh: "
       f"data={data} fsdp={fsdp} tensor={tensor}; {est['tokens_per_device']:,.0f} tokens per chip per microbatch "
@@ -248,7 +250,8 @@ def check_fits(cfg: Config, target: targets.Target, result: dict) -> None:
   if cfg.mesh.data > 1 or cfg.mesh.tensor > 1:
     fixes.append(f"mesh.data=1 mesh.tensor=1 mesh.fsdp=-1 (shard the state {target.chips} ways)")
   n = int(target.name.rsplit("-", 1)[1])
-  fixes.append(f"a larger slice (--topology={target.model}-{2 * n}: the state is sharded over more chips)")
+  more = f"{target.slices}x" if target.slices > 1 else ""
+  fixes.append(f"a larger slice (--topology={more}{target.model}-{2 * n}: the state is sharded over more chips)")
   raise ConfigError(f"the compiled train step needs {_size(train.peak).strip()} per chip on {target.name}, "
                     f"{100 * train.peak / target.hbm_bytes:.0f}% of its {_size(target.hbm_bytes).strip()} HBM (over "
                     f"{100 * HBM_LIMIT:.0f}%); settings that lower it: " + "; ".join(fixes))
@@ -257,6 +260,20 @@ def check_fits(cfg: Config, target: targets.Target, result: dict) -> None:
 def report(cfg: Config, target: targets.Target) -> tuple[str, dict]:
   result = compile_for_target(cfg, target)
   return format_report(cfg, target, result), result
+
+
+def slice_overrides(config: str, overrides, target: targets.Target) -> list[str]:
+  """What a multi-slice target adds to the config: mesh.slices = its slices and, where the config keeps one data
+  row, mesh.data = slices (data parallelism across DCN, as MaxText's dcn_data_parallelism=-1). A ConfigError when the
+  config's mesh.slices says otherwise."""
+  cfg = load_config(config, overrides, num_devices=target.chips)
+  if cfg.mesh.slices == target.slices:
+    return []
+  if cfg.mesh.slices != 1 or target.slices == 1:
+    raise ConfigError(f"{cfg.said('mesh.slices')} but --topology={target.name} has {target.slices} slice"
+                      f"{'s' if target.slices > 1 else ''}: name the target {cfg.mesh.slices}x"
+                      f"{target.name.split('x')[-1]}, or set mesh.slices={target.slices}")
+  return [f"mesh.slices={target.slices}", *([f"mesh.data={target.slices}"] if cfg.mesh.data == 1 else [])]
 
 
 def dry_run(config: str, overrides, slice_name: str, argv) -> int:
@@ -269,7 +286,7 @@ def dry_run(config: str, overrides, slice_name: str, argv) -> int:
   handler.setFormatter(logging.Formatter("maxlm: warning: %(message)s"))
   handler.setLevel(logging.WARNING)
   logging.getLogger("maxlm").addHandler(handler)
-  cfg = load_config(config, overrides, num_devices=target.chips)
+  cfg = load_config(config, [*overrides, *slice_overrides(config, overrides, target)], num_devices=target.chips)
   text, result = report(cfg, target)
   print(text, flush=True)
   check_fits(cfg, target, result)
