@@ -13,6 +13,7 @@ from maxlm.core.config import check_command_line_overrides, load_config, preset_
 from maxlm.core.errors import ConfigError, cli_description, cli_exit_code
 from maxlm.run import hosts
 from maxlm.run.loop import train
+from maxlm.state import layout as state_layout
 from maxlm.state import plan, target_compile
 
 
@@ -102,9 +103,13 @@ def main(argv=None) -> int:
       return
     if args.dry_run:
       n = args.devices or jax.device_count()
-      report = plan.dry_run_report(load_config(args.config, args.overrides, num_devices=n), n)
+      cfg = load_config(args.config, args.overrides, num_devices=n)
+      taken, note = state_layout.planned_architecture(cfg, n)
+      report = plan.dry_run_report(cfg, n)
       if jax.process_index() == 0:  # one report per job
-        print(report)
+        if note and not taken:
+          print(f"maxlm: warning: {note}", file=sys.stderr)
+        print(report + (f"\n{note}" if taken else ""))
       return
     cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
     hosts.check_same_config(cfg)  # under --distributed: one config, or every process stops naming the keys

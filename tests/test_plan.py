@@ -8,8 +8,11 @@ import io
 import re
 from contextlib import redirect_stdout
 
+import jax
+import numpy as np
 import pytest
 
+from helpers import tiny_run
 from maxlm import train
 from maxlm.core.config import load_config
 from maxlm.state import plan
@@ -93,3 +96,21 @@ def test_dry_run_on_a_cpu_host_plans_a_gpu_and_a_tpu():
   gpu, tpu = (_estimate("mile_7b", 128, p) for p in ("gpu", "tpu"))
   assert re.search(rf"^  total +{gpu['total'] / 2**30:.2f} GiB +{tpu['total'] / 2**30:.2f} GiB$", text, re.M), text
   assert "H100 (cudnn) activations: saved layer inputs 8.00," in text
+
+
+def test_dry_run_plans_the_architecture_of_checkpoint_init_from(tmp_path, capsys):
+  """A preset that takes its architecture from an import (the EMO LM GPT-2 presets) plans that source where it is
+  there, as a run would take it, and says plainly that it plans the config's own when it is not."""
+  src_cfg, params = tiny_run(tmp_path / "src")
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert train.main(["--config=emo_lm_gpt2_mle", "--dry-run", "--devices=1", "train.seq_len=64",
+                     f"checkpoint.init_from={tmp_path / 'src'}"]) == 0
+  out = capsys.readouterr()
+  assert f"model: {src_cfg.model.family}, {count:,} parameters" in out.out, out.out
+  assert f"architecture from checkpoint.init_from {tmp_path / 'src'}" in out.out and "warning" not in out.err
+  assert train.main(["--config=emo_lm_gpt2_mle", "--dry-run", "--devices=1",
+                     f"checkpoint.init_from={tmp_path / 'none'}"]) == 0
+  out = capsys.readouterr()
+  assert "468,239,360 parameters" in out.out  # the config's own (the base LLaMA), with a warning saying so
+  assert re.search(r"warning: checkpoint.init_from .*none cannot be read here .* this plans the config's own "
+                   r"architecture \(llama, hidden 1024, 24 layers, vocabulary 32000\)", out.err), out.err

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import optax
 
 from maxlm import model as model_lib
+from maxlm.checkpoint.params import open_checkpoints
+from maxlm.checkpoint.spec import split_spec
 from maxlm.state import optim, registry
 from maxlm.state.views import ParamView
 from maxlm.core import sharding
-from maxlm.core.config import Config, set_value
+from maxlm.core.config import Config, finalize, set_value
 from maxlm.core.errors import CheckpointError
 
 # Model-section keys that fix the architecture (and so must agree with a checkpoint given to init_from).
@@ -130,6 +132,26 @@ def inherit_architecture(cfg: Config, source: Config, where: str) -> None:
     raise CheckpointError(f"checkpoint.init_from {where} does not fit this model: shape mismatch: {said}; drop the "
                           "setting (the architecture comes from the source), or keep the preset and add the "
                           f"source's values to the command line ({fits}), or start from another checkpoint")
+
+
+def planned_architecture(cfg: Config, num_devices: int) -> tuple[bool, str]:
+  """`--dry-run`'s view of checkpoint.init_from: where the source is there, its architecture (taken as a run takes
+  it: keys the config sets to other values are refused the same way); else the config's own. Returns (taken, a note
+  saying which)."""
+  if not cfg.checkpoint.init_from:
+    return False, ""
+  path, step = split_spec(cfg.checkpoint.init_from)
+  try:
+    with open_checkpoints(path) as source:
+      source_cfg = source.config(int(step) if step is not None and step != "all" else None)
+  except CheckpointError as e:
+    m = cfg.model
+    return False, (f"checkpoint.init_from {cfg.checkpoint.init_from} cannot be read here ({e}): this plans the "
+                   f"config's own architecture ({m.family}, hidden {m.hidden}, {m.layers} layers, vocabulary "
+                   f"{m.vocab_size}), not the source's")
+  inherit_architecture(cfg, source_cfg, cfg.checkpoint.init_from)
+  finalize(cfg, num_devices=num_devices)
+  return True, f"architecture from checkpoint.init_from {cfg.checkpoint.init_from}"
 
 
 def _yaml_scalar(value) -> str:

@@ -23,6 +23,7 @@ from maxlm.core.config import Config, load_config
 from maxlm.core.errors import ConfigError
 from maxlm.state import plan
 from maxlm.state import step as step_lib
+from maxlm.state import layout as layout_lib
 from maxlm.state.layout import layout
 
 HBM_LIMIT = 0.92  # a compiled peak above this fraction of HBM is refused: the runtime needs the rest
@@ -287,7 +288,10 @@ def dry_run(config: str, overrides, slice_name: str, argv) -> int:
   handler.setLevel(logging.WARNING)
   logging.getLogger("maxlm").addHandler(handler)
   cfg = load_config(config, [*overrides, *slice_overrides(config, overrides, target)], num_devices=target.chips)
+  taken, note = layout_lib.planned_architecture(cfg, target.chips)
+  if note and not taken:
+    logging.getLogger("maxlm").warning(note)
   text, result = report(cfg, target)
-  print(text, flush=True)
+  print(text + (f"\n{note}" if taken else ""), flush=True)
   check_fits(cfg, target, result)
   return 0
