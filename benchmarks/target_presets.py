@@ -82,6 +82,12 @@ CHECKS = [
     ("ke_olmo1b_inject", "v5e-8", ("train.microbatches=4",)),
     ("mile_7b", "v5p-256", ()),
     ("mile_7b", "2xv5p-128", ()),  # two slices joined by DCN: mesh.slices=2, mesh.data=2
+    ("mile_468m", "h100-16", ("loss.impl=pallas",)),  # the Triton fused loss
+    ("mile_468m", "v5e-16", ("loss.impl=pallas",)),  # the Mosaic fused loss
+    ("demo", "h100-8", ("model.family=gpt2", "model.vocab_size=50304", "model.hidden=1024", "model.layers=24",
+                        "model.heads=16", "model.kv_heads=16", "model.ffn=4096", "model.max_positions=1024",
+                        "model.compute_dtype=bfloat16", "model.remat=full", "model.scan_unroll=1", "train.seq_len=1024",
+                        "train.global_batch=256")),  # a GPT-2-medium-sized GELU model: one up projection, no gate
 ]
 
 BYTES = re.compile(r"compiled bytes \(train step\): (.*)")

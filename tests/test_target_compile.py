@@ -112,6 +112,13 @@ def test_hlo_scan():
   assert target_compile.loss_kernel(kernels).startswith("pallas (Mosaic")
   assert target_compile.hlo_collectives(hlo) == {"all-gather": 1, "reduce-scatter": 0, "all-reduce": 1,
                                                  "all-to-all": 0, "collective-permute": 1}
+  triton = target_compile.hlo_kernels(
+      '  %pallas_call.21 = (f32[8,4]{1,0}) custom-call(%h, %w), custom_call_target="__gpu$xla.gpu.triton", '
+      'backend_config={grid_x = 2 : i32}, metadata={op_name="jit(step)/transpose(jvp())/shard_map/fused_loss_bwd/'
+      'pallas_call" source_file="x.py"}\n  %pallas_call.3 = f32[1] custom-call(%a), '
+      'custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/other/pallas_call"}')
+  assert triton["triton"] == {"fused_loss_bwd": 1, "pallas_call": 1}
+  assert target_compile.loss_kernel(triton) == "pallas (Triton: fused_loss_bwd x1)"
   none = target_compile.hlo_kernels("  %dot.1 = f32[2] dot(%a, %b)")
   assert target_compile.attention_kernel(none).startswith("xla") and target_compile.loss_kernel(none).startswith("xla")
 

@@ -30,6 +30,7 @@ HBM_LIMIT = 0.92  # a compiled peak above this fraction of HBM is refused: the r
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"(?<![\w%.-])(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _CUSTOM_CALL_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=.*custom_call_target=\"([^\"]+)\"", re.M)
+_OP_NAME_RE = re.compile(r'op_name="([^"]*)"')
 LOSS_KERNEL_PREFIX = "fused_loss"  # kernels/pallas_*: the names of the fused loss's pallas_calls
 
 
@@ -66,9 +67,17 @@ def _base_name(instruction: str) -> str:
 
 def hlo_kernels(hlo: str) -> dict:
   """Custom-call kernels of an optimized HLO module: cuDNN (`__cudnn$...`, by call target), Mosaic
-  (`tpu_custom_call`, by instruction name: splash_mha_*, fused_loss_*) and Triton (Pallas GPU, by instruction name)."""
+  (`tpu_custom_call`, by instruction name: splash_mha_*, fused_loss_*) and Triton (Pallas GPU: every one is named
+  pallas_call, so by the fused-loss scope of its metadata where it has one)."""
   found = {"cudnn": collections.Counter(), "mosaic": collections.Counter(), "triton": collections.Counter()}
-  for name, call_target in _CUSTOM_CALL_RE.findall(hlo):
+  for match in _CUSTOM_CALL_RE.finditer(hlo):
+    name, call_target = match.groups()
+    end = hlo.find("\n", match.end())
+    op_name = _OP_NAME_RE.search(hlo[match.start():end if end >= 0 else None])
+    # Pallas GPU kernels are all named pallas_call: the jax scope in the metadata says whose (fused_loss_bwd, ...)
+    scopes = [p for p in (op_name.group(1).split("/") if op_name else []) if p.startswith(LOSS_KERNEL_PREFIX)]
+    if scopes and _base_name(name) == "pallas_call":
+      name = scopes[-1]
     if call_target.startswith("__cudnn$"):
       found["cudnn"][call_target] += 1
     elif call_target == "tpu_custom_call":
