@@ -54,10 +54,10 @@ class Compiled:
 
   @property
   def peak(self) -> int:
-    """The compiler's peak where it reports one, else `allocated`. XLA's GPU compiler gives the two equal; libtpu's
-    temp sums program regions that are never live together, and libtpu refuses a program by its peak ("Ran out of
-    memory on HBM, the total memory required for HLO temporaries ... exceeds available HBM"), not by that sum
-    (docs/BENCHMARKS.md)."""
+    """The compiler's peak where it reports one, else `allocated`. XLA's GPU compiler gives the two within 1%;
+    libtpu's temp is larger than its peak (it counts buffers never live at once), and libtpu refuses a program by
+    its peak ("Ran out of memory on HBM, the total memory required for HLO temporaries ... exceeds available HBM"),
+    not by that sum: programs whose sum passed HBM compiled (docs/BENCHMARKS.md)."""
     return self.xla_peak or self.allocated
 
 
@@ -179,7 +179,7 @@ def _peak_source(train: Compiled) -> str:
     return "the compiler's peak_memory_in_bytes, equal to arguments + outputs - aliased + temp here"
   said = f"the compiler's peak_memory_in_bytes (arguments + outputs - aliased + temp = {_size(train.allocated).strip()}"
   if train.allocated > train.xla_peak:
-    return said + ": temp sums program regions never live together; the compiler checks HBM against the peak)"
+    return said + ": temp counts buffers never live at once; the compiler checks HBM against the peak)"
   return said + ")"
 
 
