@@ -26,25 +26,14 @@ from maxlm import pretrained, train
 from maxlm.analysis import hessian, probe, widen
 from maxlm.core.config import load_config
 from maxlm.core.errors import cli_description
-from maxlm.data_pipelines import build_eval_batches, load_grammar, pcfg_tasks
+from maxlm.data_pipelines import build_eval_batches, load_grammar
 from maxlm.evals.loss import loss_report
+from implicit_bias import held_out  # the same held-out sentences and task A files (run from benchmarks/)
 
 QUIET = ["run.progress=false", "run.tensorboard=false", "run.summary=false", "checkpoint.keep_last=0",
          "run.eval_batches=16"]
 SMALL = ["model.hidden=32", "model.heads=4", "model.ffn=96"]
 LARGE = ["model.hidden=128", "model.heads=16", "model.ffn=384"]
-
-
-def held_out(workdir: str, grammar, probe_rows: int) -> dict:
-  """Held-out sentences (JSONL text) and task A train / validation CSVs, each from its own seed."""
-  paths = {"docs": os.path.join(workdir, "heldout.jsonl"), "train": os.path.join(workdir, "taskA_train.csv"),
-           "validation": os.path.join(workdir, "taskA_val.csv")}
-  with open(paths["docs"], "w") as f:
-    for sentence in grammar.sample_sentences(512, 12345)[0]:
-      f.write(json.dumps({"text": grammar.decode(sentence)}) + "\n")
-  for key, seed, n in (("train", 1, probe_rows), ("validation", 2, probe_rows // 2)):
-    pcfg_tasks.write_csv(paths[key], pcfg_tasks.make_task(grammar, "A", n, seed).rows)
-  return paths
 
 
 def validation_ce(spec: str) -> float:
