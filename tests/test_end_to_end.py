@@ -65,3 +65,17 @@ def test_prepare_train_evaluate_export(tmp_path):
   assert hf_tok(sample, add_special_tokens=False)["input_ids"] == ours.encode(sample).ids
   model = transformers.AutoModelForCausalLM.from_pretrained(out)
   assert model.config.vocab_size == 96
+
+
+def test_the_quickstart_command_from_a_fresh_working_directory(tmp_path):
+  """`python -m maxlm.train --config=demo` as the README runs it: the preset's relative run.dir (runs/demo) under
+  the working directory, in a process of its own (only the step count shortened)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  cmd = [sys.executable, "-m", "maxlm.train", "--config=demo", "train.steps=4", "optim.warmup_steps=1",
+         "run.eval_every=0", "checkpoint.every=2"]
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  run = tmp_path / "runs" / "demo"
+  steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps and steps[-1] == 4 and (run / "checkpoints").is_dir() and (run / "config.yaml").is_file()

@@ -182,3 +182,16 @@ def test_wandb_tracker_close_leaves_the_users_own_run_alive(tmp_path, monkeypatc
   wandb.teardown()
   users = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*", "*.wandb"))
   assert len(users) == 1 and b"users_metric" in open(users[0], "rb").read()
+
+
+def test_a_relative_run_dir_is_its_own_working_copy(tmp_path, monkeypatch):
+  """run.dir as the README's quickstart leaves it (runs/demo, relative to the working directory): the metrics file
+  is written in place, never copied onto itself, and closing leaves the run directory alone."""
+  monkeypatch.chdir(tmp_path)
+  logger = MetricsLogger(os.path.join("runs", "rel"), tensorboard=True)
+  logger.log(1, {"loss": 2.5})
+  logger.flush()
+  logger.log(2, {"loss": 2.0})
+  logger.close()
+  assert [r["loss"] for r in read_metrics(str(tmp_path / "runs" / "rel"))] == [2.5, 2.0]
+  assert glob.glob(str(tmp_path / "runs" / "rel" / "tensorboard" / "events.out.tfevents.*"))

@@ -236,8 +236,9 @@ class StagedFile:
 
   def __init__(self, path: str, tmp_dir: Optional[str] = None):
     self.target = path
-    if not is_url(path):
-      self.local = absolute(path)
+    self.remote = is_url(path)
+    if not self.remote:
+      self.local = absolute(path)  # a relative path is its own working copy too: never copied onto itself
       return
     import tempfile  # pylint: disable=import-outside-toplevel
     self._tmp = tempfile.mkdtemp(prefix="maxlm-staged-", dir=tmp_dir)
@@ -247,10 +248,10 @@ class StagedFile:
         f.write(read_bytes(path))
 
   def publish(self) -> None:
-    if self.local != self.target and os.path.exists(self.local):
+    if self.remote and os.path.exists(self.local):
       upload(self.local, self.target)
 
   def cleanup(self) -> None:
     """Removes the local copy of a URL's file (after the last publish)."""
-    if self.local != self.target:
+    if self.remote:
       shutil.rmtree(os.path.dirname(self.local), ignore_errors=True)

@@ -93,8 +93,8 @@ class Target:
 
 def _slice_error(name: str, why: str) -> ConfigError:
   return ConfigError(f"--topology={name}: {why}. Targets: " + ", ".join(f"{g}-N" for g in TPU_GENERATIONS) +
-                     " (Cloud TPU accelerator types; v4/v5p N counts TensorCores, 2 per chip; SLICESx before one: that many "
-                     "slices joined by DCN, e.g. 2xv5p-128), " +
+                     " (Cloud TPU accelerator types; v4/v5p N counts TensorCores, 2 per chip; SLICESx before one: "
+                     "that many slices joined by DCN, e.g. 2xv5p-128), " +
                      ", ".join(f"{g}-N" for g in GPU_MODELS) + f" (N GPUs, {GPUS_PER_HOST} per host), e.g. v5p-128, "
                      "v5e-16, h100-64")
 
