@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from maxlm import data_pipelines
 from maxlm import model as model_lib
 from maxlm import pretrained
-from maxlm.checkpoint.params import check_pin, open_checkpoints, pin
+from maxlm.checkpoint.params import check_pin, pin
 from maxlm.checkpoint.spec import split_spec
 from maxlm.core import sharding
 from maxlm.core.config import Config, absolute_paths, finalize, profile_range, set_value
@@ -33,9 +33,7 @@ every check passed: maxlm.run.resume.save_run_config)."""
   resume_lib.check_fresh_start(cfg)
 
   if cfg.checkpoint.init_from:
-    path, step = split_spec(cfg.checkpoint.init_from)  # RUN or RUN@STEP
-    with open_checkpoints(path) as source:
-      source_cfg = source.config(int(step) if step is not None and step != "all" else None)
+    source_cfg = state_lib.init_source_config(cfg)
     state_lib.inherit_architecture(cfg, source_cfg, cfg.checkpoint.init_from)
     _inherit_tokenizer(cfg, source_cfg, say)
     finalize(cfg, num_devices=jax.device_count())

@@ -134,16 +134,21 @@ def inherit_architecture(cfg: Config, source: Config, where: str) -> None:
                           f"source's values to the command line ({fits}), or start from another checkpoint")
 
 
+def init_source_config(cfg: Config) -> Config:
+  """The config saved with checkpoint.init_from (RUN or RUN@STEP); a CheckpointError when it cannot be read."""
+  path, step = split_spec(cfg.checkpoint.init_from)
+  with open_checkpoints(path) as source:
+    return source.config(int(step) if step is not None and step != "all" else None)
+
+
 def planned_architecture(cfg: Config, num_devices: int) -> tuple[bool, str]:
   """`--dry-run`'s view of checkpoint.init_from: where the source is there, its architecture (taken as a run takes
   it: keys the config sets to other values are refused the same way); else the config's own. Returns (taken, a note
   saying which)."""
   if not cfg.checkpoint.init_from:
     return False, ""
-  path, step = split_spec(cfg.checkpoint.init_from)
   try:
-    with open_checkpoints(path) as source:
-      source_cfg = source.config(int(step) if step is not None and step != "all" else None)
+    source_cfg = init_source_config(cfg)
   except CheckpointError as e:
     m = cfg.model
     return False, (f"checkpoint.init_from {cfg.checkpoint.init_from} cannot be read here ({e}): this plans the "
